@@ -1,0 +1,32 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both build the virtual
+# environment on first use (TensorFlow CPU, DALI CPU, the test references).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch is pinned to the CPU build 2.13.0 (a test reference only).
+	$(PIP) install -q -e '.[cpu,dali,tests]'
+	# DALI's TensorFlow plugin compiles against the installed TensorFlow.
+	$(PIP) install -q --no-build-isolation nvidia-dali-tf-plugin-cuda120
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+demo: $(STAMP)
+	$(PY) -m gpt2_effnet.cli demo --out demo_run
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) demo_run .pytest_cache

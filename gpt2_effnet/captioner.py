@@ -1,0 +1,145 @@
+"""``Captioner`` = ``ImageEncoder`` + ``GPT2Decoder`` with cross-attention in every block."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from .config import CaptionerConfig, ConfigError
+from .encoder import ImageEncoder
+from .gpt2 import GPT2Decoder
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "captioner.weights.h5"
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class Captioner(keras.Model):
+    """``{"images": [B,S,S,3], "token_ids": [B,T]}`` -> next-token logits ``[B, T, V]``.
+
+    Build with :meth:`from_yaml` / :meth:`create` to also load pretrained GPT-2 weights
+    and apply the config's freezing; the plain constructor gives random weights.
+    """
+
+    def __init__(self, captioner_config: CaptionerConfig | dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(captioner_config, dict):
+            captioner_config = CaptionerConfig.from_dict(captioner_config)
+        self.captioner_config = cfg = captioner_config
+        policy = self.dtype_policy
+        self.encoder = ImageEncoder(
+            backbone=cfg.model.backbone,
+            image_size=cfg.model.image_size,
+            width=cfg.gpt2.n_embd,
+            num_layers=cfg.model.encoder_layers,
+            num_heads=cfg.model.encoder_heads,
+            backbone_weights=cfg.model.backbone_weights,
+            epsilon=cfg.gpt2.layer_norm_epsilon,
+            dropout=cfg.model.dropout,
+            name="encoder",
+            dtype=policy,
+        )
+        self.decoder = GPT2Decoder(
+            cfg.gpt2,
+            num_special_tokens=cfg.model.num_special_tokens,
+            cross_attention=cfg.model.cross_attention,
+            dropout=cfg.model.dropout,
+            name="decoder",
+            dtype=policy,
+        )
+        self.apply_trainable()
+        self.built = True
+
+    # -- construction --------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: CaptionerConfig | str | os.PathLike, gpt2: str | os.PathLike | None = None) -> "Captioner":
+        """From a config (or YAML path); ``gpt2`` names a folder/file of pretrained GPT-2 weights."""
+        if not isinstance(config, CaptionerConfig):
+            config = CaptionerConfig.load(config)
+        model = cls(config)
+        if gpt2 is not None:
+            model.load_gpt2_weights(gpt2)
+        return model
+
+    from_yaml = create
+
+    def load_gpt2_weights(self, path: str | os.PathLike, strict: bool = True) -> Any:
+        """Load pretrained GPT-2 into the decoder; cross-attention keeps its initial values."""
+        from .weights import load_into
+
+        return load_into(self.decoder, path, strict=strict)
+
+    def apply_trainable(self) -> None:
+        """Freeze what the config says; cross-attention, the encoder head and special tokens always train."""
+        train = self.captioner_config.trainable
+        self.encoder.backbone.trainable = train.backbone
+        self.decoder.wte.trainable = train.gpt2_embeddings
+        self.decoder.wpe.trainable = train.gpt2_embeddings
+        pretrained_parts = [self.decoder.ln_f]
+        for block in self.decoder.blocks:
+            pretrained_parts += [block.ln_1, block.attn, block.ln_2, block.c_fc, block.c_proj]
+        for layer in pretrained_parts:
+            layer.trainable = train.gpt2_blocks
+
+    # -- forward -------------------------------------------------------------------------
+    def encode_images(self, images: Any, training: bool | None = None) -> Any:
+        """Images -> every block's cross-attention K/V, computed once and reused while decoding."""
+        return self.decoder.project_image(self.encoder(images, training=training))
+
+    def call(self, inputs: dict[str, Any], training: bool | None = None) -> Any:
+        image_kv = self.encode_images(inputs["images"], training=training)
+        return self.decoder(inputs["token_ids"], image_kv=image_kv, training=training)
+
+    # -- generation ------------------------------------------------------------------------
+    def generate(self, images: Any, **kwargs: Any) -> Any:
+        """Caption token ids ``[B, new]`` (BOS not included); keywords as HF ``generate()``."""
+        from .samplers import generate_captions
+
+        return generate_captions(self, images, **kwargs)
+
+    # -- persistence -------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.yaml`` + ``captioner.weights.h5``: a folder :meth:`load` reads back."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.captioner_config.save(directory / CONFIG_FILE)
+        self.save_weights(directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Captioner":
+        """Read a ``.keras`` file, or a folder written by :meth:`save_pretrained` / training."""
+        path = Path(path)
+        if path.suffix == ".keras":
+            model = keras.saving.load_model(path)
+            if not isinstance(model, cls):
+                raise ValueError(f"{path} holds a {type(model).__name__}, not a Captioner")
+            return model
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path}: expected a .keras file or a folder with {CONFIG_FILE}")
+        config = CaptionerConfig.load(path / CONFIG_FILE)
+        config = config.replace(model={"backbone_weights": None})
+        model = cls(config)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
+        model.load_weights(weights)
+        return model
+
+    def get_config(self) -> dict[str, Any]:
+        config = self.captioner_config.replace(model={"backbone_weights": None})
+        return {**super().get_config(), "captioner_config": config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Captioner":
+        config = dict(config)
+        captioner_config = config.pop("captioner_config")
+        for key in ("name", "trainable", "dtype"):
+            config.pop(key, None)
+        try:
+            return cls(CaptionerConfig.from_dict(captioner_config))
+        except ConfigError as err:
+            raise ValueError(f"saved captioner config is invalid: {err}") from None

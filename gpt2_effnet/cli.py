@@ -1,0 +1,52 @@
+"""The ``gpt2-effnet`` command: one subcommand per job, each living in its own module.
+
+Only the chosen subcommand's module is imported, so ``gpt2-effnet download`` starts
+in a fraction of a second instead of paying for TensorFlow's import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("gpt2_effnet.weights.convert", "convert GPT-2 weights (HF safetensors/h5, OpenAI ckpt) to ours"),
+    "download": ("gpt2_effnet.download", "download GPT-2 weights from Hugging Face or OpenAI"),
+    "shards": ("gpt2_effnet.data.shards", "write webdataset shards (img2dataset layout) from a CSV/COCO set"),
+    "synthetic": ("gpt2_effnet.data.synthetic", "write the synthetic captioned-shapes data set"),
+    "train": ("gpt2_effnet.training.cli", "train a captioner"),
+    "caption": ("gpt2_effnet.samplers.cli", "caption images with a trained captioner"),
+    "evaluate": ("gpt2_effnet.evaluation", "score captions with BLEU, ROUGE-L and CIDEr-D"),
+    "demo": ("gpt2_effnet.demo", "train and evaluate a small captioner on the synthetic set"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: gpt2-effnet COMMAND [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'gpt2-effnet COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"gpt2-effnet: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"gpt2-effnet {name}", description=help_)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

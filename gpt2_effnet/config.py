@@ -1,0 +1,325 @@
+"""Configuration: GPT-2 shapes and the captioner's YAML config.
+
+Both are plain frozen dataclasses so they can be compared, hashed, written next to a
+run and read back; every reader validates eagerly and names the offending key, because
+a typo in a YAML file should fail in the first second, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or mapping has a bad key or value; the message names it."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # -- readers -------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str) -> "GPT2Config":
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+    @classmethod
+    def from_hf_json(cls, path: str | os.PathLike) -> "GPT2Config":
+        """Read a Hugging Face ``config.json`` (keys vocab_size, n_positions, n_embd, ...)."""
+        data = json.loads(Path(path).read_text())
+        try:
+            return cls(
+                vocab_size=int(data["vocab_size"]),
+                n_positions=int(data["n_positions"]),
+                n_embd=int(data["n_embd"]),
+                n_layer=int(data["n_layer"]),
+                n_head=int(data["n_head"]),
+                layer_norm_epsilon=float(data.get("layer_norm_epsilon", 1e-5)),
+            )
+        except KeyError as err:
+            raise ConfigError(f"{path}: missing key {err.args[0]!r} in Hugging Face config.json") from None
+
+    @classmethod
+    def from_openai_hparams(cls, path: str | os.PathLike) -> "GPT2Config":
+        """Read OpenAI's ``hparams.json`` (keys n_vocab, n_ctx, n_embd, n_head, n_layer)."""
+        data = json.loads(Path(path).read_text())
+        try:
+            return cls(
+                vocab_size=int(data["n_vocab"]),
+                n_positions=int(data["n_ctx"]),
+                n_embd=int(data["n_embd"]),
+                n_layer=int(data["n_layer"]),
+                n_head=int(data["n_head"]),
+            )
+        except KeyError as err:
+            raise ConfigError(f"{path}: missing key {err.args[0]!r} in OpenAI hparams.json") from None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike) -> "GPT2Config":
+        """Find the shape of a GPT-2 folder: HF ``config.json`` first, else ``hparams.json``."""
+        path = Path(path)
+        if (path / "config.json").is_file():
+            return cls.from_hf_json(path / "config.json")
+        if (path / "hparams.json").is_file():
+            return cls.from_openai_hparams(path / "hparams.json")
+        raise ConfigError(f"{path}: no config.json (Hugging Face) or hparams.json (OpenAI) found")
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {"model_type": "gpt2", **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_any(cls, spec: "str | Mapping[str, Any] | GPT2Config") -> "GPT2Config":
+        """A preset name, a folder with a config file, a mapping of fields, or a config."""
+        if isinstance(spec, GPT2Config):
+            return spec
+        if isinstance(spec, Mapping):
+            return _from_mapping(cls, spec, "gpt2")
+        if isinstance(spec, str) and spec in PRESETS:
+            return PRESETS[spec]
+        if isinstance(spec, (str, os.PathLike)) and Path(spec).is_dir():
+            return cls.from_dir(spec)
+        raise ConfigError(
+            f"gpt2: {spec!r} is neither a preset ({sorted(PRESETS)}), a folder with "
+            "config.json/hparams.json, nor a mapping of GPT2Config fields"
+        )
+
+
+PRESETS: dict[str, GPT2Config] = {
+    "124M": GPT2Config(n_embd=768, n_layer=12, n_head=12),
+    "355M": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "774M": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "1558M": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+# ---------------------------------------------------------------------------------
+# Captioner config (YAML)
+# ---------------------------------------------------------------------------------
+
+CROSS_ATTENTION_KINDS = ("gated", "ungated")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "efficientnetb0"
+    backbone_weights: str | None = None  # "imagenet", a file path, or None (random)
+    image_size: int = 224
+    encoder_layers: int = 2
+    encoder_heads: int = 8
+    cross_attention: str = "gated"
+    num_special_tokens: int = 1  # extra trainable embeddings after the vocabulary (BOS first)
+    max_caption_length: int = 40
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.cross_attention not in CROSS_ATTENTION_KINDS:
+            raise ConfigError(
+                f"model.cross_attention: {self.cross_attention!r} is not one of {CROSS_ATTENTION_KINDS}"
+            )
+        for name in ("image_size", "encoder_heads", "max_caption_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("encoder_layers", "num_special_tokens"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+
+
+@dataclass(frozen=True)
+class TrainableConfig:
+    """Which parts learn. The cross-attention and the image encoder's head always do."""
+
+    backbone: bool = False
+    gpt2_embeddings: bool = False
+    gpt2_blocks: bool = True
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # The seed's Adam settings.
+    learning_rate: float = 6.25e-5
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+    clipvalue: float | None = 1.0
+    global_clipnorm: float | None = 1.0
+    schedule: str = "constant"  # "constant" or "cosine" (after a linear warmup)
+    warmup_steps: int = 0
+    min_learning_rate_ratio: float = 0.0
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule: {self.schedule!r} is not one of ('constant', 'cosine')")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    steps: int | None = None
+    epochs: int | None = None
+    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    jit_compile: bool = False
+    grad_accum_steps: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    validate_every: int = 0
+    validation_batches: int = 10
+    log_every: int = 10
+    seed: int = 0
+    shuffle_buffer: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
+            raise ConfigError(
+                f"train.precision: {self.precision!r} is not one of "
+                "('float32', 'mixed_bfloat16', 'mixed_float16')"
+            )
+        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    gpt2: GPT2Config = field(default_factory=GPT2Config)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CaptionerConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        try:
+            return cls.from_dict(data or {})
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "CaptionerConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"the top level must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        gpt2 = GPT2Config.from_any(data.pop("gpt2", "124M"))
+        rest = _from_mapping(cls, {k: v for k, v in data.items()}, "", skip=("gpt2",))
+        return dataclasses.replace(rest, gpt2=gpt2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def replace(self, **sections: Any) -> "CaptionerConfig":
+        """Override fields per section: ``cfg.replace(model={"image_size": 64})``."""
+        updated = {}
+        for name, changes in sections.items():
+            current = getattr(self, name)
+            merged = {**dataclasses.asdict(current), **changes}
+            updated[name] = _from_mapping(type(current), merged, name)
+        return dataclasses.replace(self, **updated)
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a dataclass annotation, coercing int -> float."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "1e-8" (no dot) as a string; accept numeric strings.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _from_mapping(cls: type, data: Mapping[str, Any], prefix: str, skip: tuple[str, ...] = ()) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown key {where!r}; known keys here: {sorted(known - set(skip))}")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in skip or f.name not in data:
+            continue
+        where = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _from_mapping(hint, data[f.name] or {}, where)
+        else:
+            kwargs[f.name] = _check_type(data[f.name], hint, where)
+    return cls(**kwargs)

@@ -1,0 +1,117 @@
+"""The image encoder: an EfficientNet feature map turned into a sequence GPT-2 can attend to.
+
+The backbone's classifier head is dropped (``include_top=False``); its last feature map
+``[B, h, w, C]`` is flattened to ``h*w`` image tokens, projected to GPT-2's width, given a
+learned position embedding (so the decoder knows *where* things are) and mixed by a few
+bidirectional transformer blocks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import keras
+from keras import ops
+
+from .layers import TransformerBlock
+
+# Name -> constructor. Lower-case, hyphenated like the papers ("efficientnetv2-s").
+BACKBONES: dict[str, Callable[..., keras.Model]] = {
+    **{f"efficientnetb{i}": getattr(keras.applications, f"EfficientNetB{i}") for i in range(8)},
+    **{f"efficientnetv2-b{i}": getattr(keras.applications, f"EfficientNetV2B{i}") for i in range(4)},
+    "efficientnetv2-s": keras.applications.EfficientNetV2S,
+    "efficientnetv2-m": keras.applications.EfficientNetV2M,
+    "efficientnetv2-l": keras.applications.EfficientNetV2L,
+}
+
+# Beyond this many image tokens every decode step pays a lot for cross-attention.
+LONG_SEQUENCE_WARNING = 1024
+
+
+def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
+    """An EfficientNet/V2 without its head. ``weights``: "imagenet", a file path or None."""
+    key = name.lower().replace("_", "-")
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
+        weights = None
+    return BACKBONES[key](include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class ImageEncoder(keras.Model):
+    """Images ``[B, S, S, 3]`` (0..255, RGB) -> image tokens ``[B, h*w, width]``."""
+
+    def __init__(
+        self,
+        backbone: str,
+        image_size: int,
+        width: int,
+        num_layers: int,
+        num_heads: int,
+        backbone_weights: str | None = None,
+        epsilon: float = 1e-5,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.backbone_name = backbone
+        self.image_size = image_size
+        self.width = width
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.backbone_weights = backbone_weights
+        self.epsilon = epsilon
+        self.dropout = dropout
+        self.backbone = build_backbone(backbone, image_size, backbone_weights)
+        _, height, width_, channels = self.backbone.output_shape
+        self.grid = (height, width_)
+        self.sequence_length = height * width_
+        if self.sequence_length > LONG_SEQUENCE_WARNING:
+            warnings.warn(
+                f"{backbone} at {image_size}px gives {self.sequence_length} image tokens "
+                f"(> {LONG_SEQUENCE_WARNING}); cross-attention will be slow and memory-hungry. "
+                "Consider a smaller image_size.",
+                stacklevel=2,
+            )
+        policy = self.dtype_policy
+        self.projection = keras.layers.Dense(width, name="projection", dtype=policy)
+        self.projection.build((None, None, channels))
+        self.position_embedding = self.add_weight(
+            name="position_embedding",
+            shape=(self.sequence_length, width),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+        self.blocks = [
+            TransformerBlock(num_heads, epsilon=epsilon, causal=False, dropout=dropout, name=f"block_{i}", dtype=policy)
+            for i in range(num_layers)
+        ]
+        for block in self.blocks:
+            block.build((None, None, width))
+        self.ln_f = keras.layers.LayerNormalization(epsilon=epsilon, name="ln_f", dtype=policy)
+        self.ln_f.build((None, None, width))
+        self.built = True
+
+    def call(self, images: Any, training: bool | None = None) -> Any:
+        features = self.backbone(images, training=training)
+        batch = ops.shape(features)[0]
+        tokens = ops.reshape(features, (batch, self.sequence_length, ops.shape(features)[-1]))
+        x = self.projection(tokens) + ops.cast(self.position_embedding, self.compute_dtype)
+        for block in self.blocks:
+            x, _ = block(x, training=training)
+        return self.ln_f(x)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "backbone": self.backbone_name,
+            "image_size": self.image_size,
+            "width": self.width,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            # A rebuilt encoder gets its weights from the saved file, never from the hub.
+            "backbone_weights": None,
+            "epsilon": self.epsilon,
+            "dropout": self.dropout,
+        }

@@ -1,0 +1,202 @@
+"""The GPT-2 decoder: embeddings, blocks, final LayerNorm, LM head tied to the embeddings.
+
+With no image it is plain GPT-2 (``load_gpt2`` returns one). In a captioner every block
+also carries a cross-attention sub-layer, and ``num_special_tokens`` extra trainable
+embeddings (BOS first) sit after the vocabulary, so ids ``vocab_size..`` are ours while
+the pretrained table stays untouched (and can stay frozen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+from keras import ops
+
+from .config import GPT2Config
+from .layers import TransformerBlock
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class GPT2Decoder(keras.Model):
+    """Token ids ``[B, T]`` -> logits ``[B, T, vocab_size + num_special_tokens]`` (float32)."""
+
+    def __init__(
+        self,
+        gpt2_config: GPT2Config | dict[str, Any],
+        num_special_tokens: int = 0,
+        cross_attention: str | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if isinstance(gpt2_config, dict):
+            gpt2_config = GPT2Config(**gpt2_config)
+        self.gpt2_config = gpt2_config
+        self.num_special_tokens = num_special_tokens
+        self.cross_attention = cross_attention
+        self.dropout = dropout
+        cfg = gpt2_config
+        policy = self.dtype_policy
+        self.wte = keras.layers.Embedding(cfg.vocab_size, cfg.n_embd, name="wte", dtype=policy)
+        self.wpe = keras.layers.Embedding(cfg.n_positions, cfg.n_embd, name="wpe", dtype=policy)
+        self.wte_special = (
+            keras.layers.Embedding(num_special_tokens, cfg.n_embd, name="wte_special", dtype=policy)
+            if num_special_tokens
+            else None
+        )
+        self.embed_dropout = keras.layers.Dropout(dropout)
+        self.blocks = [
+            TransformerBlock(
+                cfg.n_head,
+                epsilon=cfg.layer_norm_epsilon,
+                causal=True,
+                cross_attention=cross_attention,
+                dropout=dropout,
+                name=f"h_{i}",
+                dtype=policy,
+            )
+            for i in range(cfg.n_layer)
+        ]
+        self.ln_f = keras.layers.LayerNormalization(epsilon=cfg.layer_norm_epsilon, name="ln_f", dtype=policy)
+        self.build((None, None))
+
+    # -- structure ---------------------------------------------------------------------
+    def build(self, input_shape: tuple = (None, None)) -> None:
+        if self.built:
+            return
+        width = self.gpt2_config.n_embd
+        self.wte.build((None, None))
+        self.wpe.build((None, None))
+        if self.wte_special is not None:
+            self.wte_special.build((None, None))
+        for block in self.blocks:
+            block.build((None, None, width))
+        self.ln_f.build((None, None, width))
+        self.built = True
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.gpt2_config.vocab_size + self.num_special_tokens
+
+    def named_weights(self) -> dict[str, keras.Variable]:
+        """Pretrained GPT-2 variables by their Hugging Face name (without ``transformer.``).
+
+        This is the one name map every foreign-format loader targets; captioner-only
+        weights (cross-attention, special tokens) are deliberately not in it.
+        """
+        names: dict[str, keras.Variable] = {
+            "wte.weight": self.wte.embeddings,
+            "wpe.weight": self.wpe.embeddings,
+            "ln_f.weight": self.ln_f.gamma,
+            "ln_f.bias": self.ln_f.beta,
+        }
+        for i, block in enumerate(self.blocks):
+            prefix = f"h.{i}."
+            parts = {
+                "ln_1": block.ln_1,
+                "ln_2": block.ln_2,
+            }
+            for name, norm in parts.items():
+                names[prefix + name + ".weight"] = norm.gamma
+                names[prefix + name + ".bias"] = norm.beta
+            dense = {
+                "attn.c_attn": block.attn.c_attn,
+                "attn.c_proj": block.attn.c_proj,
+                "mlp.c_fc": block.c_fc,
+                "mlp.c_proj": block.c_proj,
+            }
+            for name, layer in dense.items():
+                names[prefix + name + ".weight"] = layer.kernel
+                names[prefix + name + ".bias"] = layer.bias
+        return names
+
+    # -- forward -------------------------------------------------------------------------
+    def embedding_table(self) -> Any:
+        """``[vocab + specials, width]``: the LM head is tied to this whole table."""
+        table = self.wte.embeddings
+        if self.wte_special is not None:
+            table = ops.concatenate([table, ops.cast(self.wte_special.embeddings, table.dtype)], axis=0)
+        return table
+
+    def _embed(self, token_ids: Any, position_ids: Any, training: bool | None) -> Any:
+        table = ops.cast(self.embedding_table(), self.compute_dtype)
+        tokens = ops.take(table, ops.cast(token_ids, "int32"), axis=0)
+        positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
+        return self.embed_dropout(tokens + positions, training=training)
+
+    def _head(self, hidden: Any) -> Any:
+        hidden = self.ln_f(hidden)
+        table = ops.cast(self.embedding_table(), hidden.dtype)
+        return ops.cast(ops.einsum("btw,vw->btv", hidden, table), "float32")
+
+    def call(
+        self,
+        token_ids: Any,
+        image_kv: Any | None = None,
+        padding_mask: Any | None = None,
+        position_ids: Any | None = None,
+        training: bool | None = None,
+    ) -> Any:
+        """Full (uncached) forward. ``image_kv`` comes from :meth:`project_image`."""
+        token_ids = ops.convert_to_tensor(token_ids)
+        if position_ids is None:
+            position_ids = ops.expand_dims(ops.arange(ops.shape(token_ids)[1], dtype="int32"), 0)
+        x = self._embed(token_ids, position_ids, training)
+        for i, block in enumerate(self.blocks):
+            kv = None if image_kv is None else image_kv[:, i]
+            x, _ = block(x, image_kv=kv, padding_mask=padding_mask, training=training)
+        return self._head(x)
+
+    # -- incremental decoding ----------------------------------------------------------
+    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Any:
+        """Zeroed key/value cache ``[B, n_layer, 2, max_length, n_head, head_dim]``."""
+        cfg = self.gpt2_config
+        if max_length > cfg.n_positions:
+            raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")
+        shape = (batch_size, cfg.n_layer, 2, max_length, cfg.n_head, cfg.head_dim)
+        return ops.zeros(shape, dtype=dtype or self.compute_dtype)
+
+    def call_with_cache(
+        self,
+        token_ids: Any,
+        cache: Any,
+        cache_index: Any,
+        image_kv: Any | None = None,
+        padding_mask: Any | None = None,
+        position_ids: Any | None = None,
+    ) -> tuple[Any, Any]:
+        """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
+
+        Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
+        so one compiled step serves the whole decode loop.
+        """
+        token_ids = ops.convert_to_tensor(token_ids)
+        if position_ids is None:
+            length = ops.shape(token_ids)[1]
+            position_ids = ops.expand_dims(ops.arange(length, dtype="int32") + ops.cast(cache_index, "int32"), 0)
+        x = self._embed(token_ids, position_ids, training=False)
+        layer_caches = []
+        for i, block in enumerate(self.blocks):
+            kv = None if image_kv is None else image_kv[:, i]
+            x, layer_cache = block(
+                x, cache=cache[:, i], cache_index=cache_index, image_kv=kv, padding_mask=padding_mask
+            )
+            layer_caches.append(layer_cache)
+        return self._head(x), ops.stack(layer_caches, axis=1)
+
+    def project_image(self, image_tokens: Any) -> Any:
+        """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, S, n_head, head_dim]``."""
+        if self.cross_attention is None:
+            raise ValueError("this decoder has no cross-attention (it is a plain GPT-2)")
+        return ops.stack([block.crossattention.project_image(image_tokens) for block in self.blocks], axis=1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "gpt2_config": dataclasses.asdict(self.gpt2_config),
+            "num_special_tokens": self.num_special_tokens,
+            "cross_attention": self.cross_attention,
+            "dropout": self.dropout,
+        }

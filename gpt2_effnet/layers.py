@@ -1,0 +1,237 @@
+"""Transformer building blocks, written once for GPT-2 and for the image encoder.
+
+Everything here uses ``keras.ops`` only, so the model runs unchanged on the TensorFlow,
+JAX and PyTorch backends. Kernels are ``[in, out]`` like GPT-2's ``Conv1D`` (``[nx, nf]``),
+so pretrained weights load without transposes.
+
+Caches are explicit tensors: self-attention keys/values live in a preallocated
+``[B, 2, max_len, heads, head_dim]`` buffer written at ``cache_index``, so a decode step
+has static shapes and can be compiled; image keys/values are projected once per image
+and handed to every step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+# Masked scores get this instead of -inf so a fully masked row cannot produce NaN.
+_MASK_VALUE = -1e9
+
+
+def attend(query: Any, key: Any, value: Any, mask: Any | None = None) -> Any:
+    """Scaled dot-product attention over ``[B, T, H, D]`` tensors; mask broadcasts to [B, H, T, S].
+
+    Scores and softmax run in float32 whatever the compute dtype, as in GPT-2, so
+    mixed precision does not change which token wins.
+    """
+    depth = ops.shape(query)[-1]
+    scores = ops.einsum("bthd,bshd->bhts", query, key)
+    scores = ops.cast(scores, "float32") / math.sqrt(depth)
+    if mask is not None:
+        scores = ops.where(mask, scores, ops.full_like(scores, _MASK_VALUE))
+    weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
+    return ops.einsum("bhts,bshd->bthd", weights, value)
+
+
+def attention_mask(query_length: Any, key_length: int, query_offset: Any, causal: bool) -> Any | None:
+    """Boolean ``[T, S]`` mask: query ``t`` (at absolute position offset+t) sees keys <= it."""
+    if not causal:
+        return None
+    query_pos = ops.arange(query_length, dtype="int32") + ops.cast(query_offset, "int32")
+    key_pos = ops.arange(key_length, dtype="int32")
+    return ops.expand_dims(query_pos, 1) >= ops.expand_dims(key_pos, 0)
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class SelfAttention(keras.layers.Layer):
+    """GPT-2 attention: fused ``c_attn`` QKV projection, ``c_proj`` output projection."""
+
+    def __init__(self, num_heads: int, causal: bool = True, dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.causal = causal
+        self.dropout = dropout
+        self.c_attn: keras.layers.Dense | None = None
+        self.c_proj: keras.layers.Dense | None = None
+        self.resid_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape: tuple) -> None:
+        width = input_shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"{self.name}: width {width} is not divisible by {self.num_heads} heads")
+        self.c_attn = keras.layers.Dense(3 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn.build(input_shape)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj.build(input_shape)
+
+    def _split_heads(self, x: Any, parts: int) -> list[Any]:
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        width = ops.shape(x)[-1] // parts
+        x = ops.reshape(x, (batch, length, parts, self.num_heads, width // self.num_heads))
+        return [x[:, :, i] for i in range(parts)]
+
+    def call(
+        self,
+        x: Any,
+        cache: Any | None = None,
+        cache_index: Any | None = None,
+        padding_mask: Any | None = None,
+        training: bool | None = None,
+    ) -> tuple[Any, Any | None]:
+        """Return ``(output, updated_cache)``; without a cache the second item is None.
+
+        ``padding_mask`` is a ``[B, S]`` boolean over keys (S = cache length when cached).
+        """
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        query, key, value = self._split_heads(self.c_attn(x), 3)
+        offset = 0
+        if cache is not None:
+            offset = cache_index
+            update = ops.stack([key, value], axis=1)  # [B, 2, T, H, D]
+            cache = ops.slice_update(cache, [0, 0, cache_index, 0, 0], ops.cast(update, cache.dtype))
+            key, value = ops.cast(cache[:, 0], query.dtype), ops.cast(cache[:, 1], query.dtype)
+        mask = attention_mask(length, ops.shape(key)[1], offset, self.causal)
+        if mask is not None:
+            mask = mask[None, None]
+        if padding_mask is not None:
+            keys_ok = ops.cast(padding_mask, "bool")[:, None, None, :]
+            mask = keys_ok if mask is None else ops.logical_and(mask, keys_ok)
+        out = attend(query, key, value, mask)
+        out = ops.reshape(out, (batch, length, -1))
+        return self.resid_dropout(self.c_proj(out), training=training), cache
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_heads": self.num_heads, "causal": self.causal, "dropout": self.dropout}
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class CrossAttention(keras.layers.Layer):
+    """Text queries attend to the image sequence; K/V of the image are projected once.
+
+    Named after Hugging Face's GPT-2 cross-attention (``q_attn`` for queries, ``c_attn``
+    for the fused image K/V). Gated: the output is scaled by ``tanh(gate)`` with the gate
+    starting at zero, so an untrained captioner's text path is exactly GPT-2.
+    """
+
+    def __init__(self, num_heads: int, gated: bool, dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.gated = gated
+        self.dropout = dropout
+        self.resid_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape: tuple) -> None:
+        width = input_shape[-1]
+        self.width = width
+        self.q_attn = keras.layers.Dense(width, name="q_attn", dtype=self.dtype_policy)
+        self.q_attn.build(input_shape)
+        self.c_attn = keras.layers.Dense(2 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn.build(input_shape)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj.build(input_shape)
+        if self.gated:
+            self.gate = self.add_weight(name="gate", shape=(), initializer="zeros")
+
+    def project_image(self, image_tokens: Any) -> Any:
+        """Image sequence ``[B, S, W]`` -> keys/values ``[B, 2, S, H, D]``, reused at every step."""
+        batch, length = ops.shape(image_tokens)[0], ops.shape(image_tokens)[1]
+        kv = ops.reshape(
+            self.c_attn(image_tokens), (batch, length, 2, self.num_heads, self.width // self.num_heads)
+        )
+        return ops.transpose(kv, (0, 2, 1, 3, 4))
+
+    def call(self, x: Any, image_kv: Any, training: bool | None = None) -> Any:
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, -1))
+        image_kv = ops.cast(image_kv, query.dtype)
+        out = attend(query, image_kv[:, 0], image_kv[:, 1])
+        out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, -1))), training=training)
+        if self.gated:
+            out = out * ops.cast(ops.tanh(self.gate), out.dtype)
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "num_heads": self.num_heads, "gated": self.gated, "dropout": self.dropout}
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class TransformerBlock(keras.layers.Layer):
+    """A GPT-2 block: pre-LayerNorm self-attention, optional cross-attention, tanh-GELU MLP.
+
+    ``causal=False`` and no cross-attention gives the image encoder's bidirectional block.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        epsilon: float = 1e-5,
+        causal: bool = True,
+        cross_attention: str | None = None,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if cross_attention not in (None, "gated", "ungated"):
+            raise ValueError(f"cross_attention must be None, 'gated' or 'ungated', got {cross_attention!r}")
+        self.num_heads = num_heads
+        self.epsilon = epsilon
+        self.causal = causal
+        self.cross_attention = cross_attention
+        self.dropout = dropout
+        policy = self.dtype_policy
+        self.ln_1 = keras.layers.LayerNormalization(epsilon=epsilon, name="ln_1", dtype=policy)
+        self.attn = SelfAttention(num_heads, causal=causal, dropout=dropout, name="attn", dtype=policy)
+        if cross_attention is not None:
+            self.ln_cross_attn = keras.layers.LayerNormalization(epsilon=epsilon, name="ln_cross_attn", dtype=policy)
+            self.crossattention = CrossAttention(
+                num_heads, gated=cross_attention == "gated", dropout=dropout, name="crossattention", dtype=policy
+            )
+        self.ln_2 = keras.layers.LayerNormalization(epsilon=epsilon, name="ln_2", dtype=policy)
+        self.mlp_dropout = keras.layers.Dropout(dropout)
+
+    def build(self, input_shape: tuple) -> None:
+        width = input_shape[-1]
+        for layer in (self.ln_1, self.ln_2, self.attn):
+            layer.build(input_shape)
+        if self.cross_attention is not None:
+            self.ln_cross_attn.build(input_shape)
+            self.crossattention.build(input_shape)
+        self.c_fc = keras.layers.Dense(4 * width, name="c_fc", dtype=self.dtype_policy)
+        self.c_fc.build(input_shape)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj.build(tuple(input_shape[:-1]) + (4 * width,))
+
+    def call(
+        self,
+        x: Any,
+        cache: Any | None = None,
+        cache_index: Any | None = None,
+        image_kv: Any | None = None,
+        padding_mask: Any | None = None,
+        training: bool | None = None,
+    ) -> tuple[Any, Any | None]:
+        attended, cache = self.attn(
+            self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training
+        )
+        x = x + attended
+        if image_kv is not None:
+            if self.cross_attention is None:
+                raise ValueError(f"{self.name} has no cross-attention but was given image keys/values")
+            x = x + self.crossattention(self.ln_cross_attn(x), image_kv, training=training)
+        hidden = keras.activations.gelu(self.c_fc(self.ln_2(x)), approximate=True)
+        x = x + self.mlp_dropout(self.c_proj(hidden), training=training)
+        return x, cache
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "epsilon": self.epsilon,
+            "causal": self.causal,
+            "cross_attention": self.cross_attention,
+            "dropout": self.dropout,
+        }
