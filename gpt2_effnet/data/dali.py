@@ -1,0 +1,145 @@
+"""DALI pipeline over webdataset shards, handed to TensorFlow through the DALI TF plugin.
+
+DALI reads the tars (`fn.readers.webdataset`), shuffles, decodes (on the GPU with
+device="mixed" when TensorFlow sees one, on the CPU otherwise) and resizes. Captions leave DALI
+as raw, NUL-padded UTF-8 bytes and are tokenised once per *batch* in TensorFlow: at ~5-10 us
+per caption that is a small fraction of a decode (bench/bench_data.py measures both), and it
+works on img2dataset shards from the wild, which hold only jpg/txt/json.
+
+Sharding matches the tf.data reader (gpt2_effnet.data.wds) sample for sample: both drop
+samples lacking a component, then give worker i of k the slice [n*i//k, n*(i+1)//k).
+`stick_to_shard` keeps each worker on its own slice every epoch.
+
+DALI's decoder stops on an undecodable image; shards written by `gpt2-effnet shards` were
+fully decoded once while writing, so this only concerns foreign shards (use the tf.data
+reader, which skips and counts bad images, for those that fail).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+from gpt2_effnet.data.pipeline import SkipCounter, Tokenizer, _pipeline_options, text_tokenizer_fn
+from gpt2_effnet.data.shards import IMAGE_EXTS, index_path_for
+from gpt2_effnet.data.wds import plan_shards
+
+
+def dali_available() -> bool:
+    """True when both DALI and its TensorFlow plugin import (the plugin is built per TF version)."""
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.tf  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _gpu_present() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def dali_dataset(
+    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    image_size: int,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int | None = 0,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    repeat: bool = True,
+    drop_remainder: bool = False,
+    shuffle_buffer: int = 1024,
+    device: str = "auto",
+    device_id: int = 0,
+    num_threads: int | None = None,
+    image_exts: Sequence[str] = IMAGE_EXTS,
+    skips: SkipCounter | None = None,
+) -> "tf.data.Dataset":  # noqa: F821
+    """Batches of {"images", "token_ids", "mask"} from webdataset shards, read and decoded by DALI.
+
+    device: "auto" (GPU decode when TensorFlow sees a GPU), "gpu" or "cpu". With `repeat`
+    (the default) the stream is endless and epochs run into each other inside batches. Without
+    it, one epoch is yielded: ceil(n / batch_size) batches, the last one trimmed to the real
+    samples (or n // batch_size full batches with `drop_remainder`). `skips.missing` counts
+    samples lacking an image or a caption, which DALI drops.
+    """
+    import nvidia.dali.fn as fn
+    import nvidia.dali.plugin.tf as dali_tf
+    import nvidia.dali.types as types
+    import tensorflow as tf
+    from nvidia.dali import pipeline_def
+
+    if device not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r}")
+    use_gpu = _gpu_present() if device == "auto" else device == "gpu"
+    plan = plan_shards(shards, num_shards, shard_index, image_exts)
+    n = plan.num_samples
+    if n == 0:
+        raise ValueError(f"worker {shard_index} of {num_shards} gets no samples: only {plan.stop} in the shards")
+    skips = skips if skips is not None else SkipCounter()
+    skips._bind(n, plan.incomplete)
+
+    paths = list(plan.paths)
+    indexes = [str(index_path_for(p)) for p in paths]
+    if not all(os.path.isfile(i) for i in indexes):
+        indexes = []  # DALI then scans the tars itself (slower start)
+    pipe_seed = -1 if seed is None else int(seed)
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
+                  device_id=device_id if use_gpu else None, seed=pipe_seed, prefetch_queue_depth=2)
+    def pipeline():
+        jpegs, texts = fn.readers.webdataset(
+            paths=paths,
+            index_paths=indexes,
+            ext=[";".join(image_exts), "txt"],
+            missing_component_behavior="skip",
+            random_shuffle=shuffle,
+            initial_fill=shuffle_buffer,
+            shard_id=shard_index,
+            num_shards=num_shards,
+            stick_to_shard=True,
+            pad_last_batch=not repeat,
+            name="reader",
+        )
+        images = fn.decoders.image(jpegs, device="mixed" if use_gpu else "cpu", output_type=types.RGB)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size,
+                           interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+        # Variable-length bytes are padded to the longest caption of the batch for TensorFlow.
+        texts = fn.pad(texts, fill_value=0)
+        return images, texts
+
+    pipe = pipeline()
+    shapes = ((batch_size, image_size, image_size, 3), (batch_size, None))
+    dtypes = (tf.float32, tf.uint8)
+    # The dataset lives on the CPU so the tokeniser can follow it in tf.data; with GPU decode
+    # DALI copies the finished batch to host memory once.
+    with tf.device("/cpu:0"):
+        ds = dali_tf.DALIDataset(pipeline=pipe, batch_size=batch_size, output_shapes=shapes, output_dtypes=dtypes,
+                                 device_id=device_id if use_gpu else None, fail_on_device_mismatch=False)
+
+    if not repeat:
+        steps = n // batch_size if drop_remainder else math.ceil(n / batch_size)
+        last = n - (steps - 1) * batch_size  # real samples in the final batch
+        ds = ds.take(steps).enumerate()
+
+        def trim(step: tf.Tensor, images: tf.Tensor, texts: tf.Tensor):
+            # DALI pads the final batch by repeating the last sample; keep the real ones only.
+            keep = tf.where(step == steps - 1, last, batch_size)
+            return images[:keep], texts[:keep]
+
+        ds = ds.map(lambda step, batch: trim(step, *batch))
+    tokenize = text_tokenizer_fn(tokenizer, max_length)
+
+    def to_dict(images: tf.Tensor, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+        token_ids, mask = tokenize(texts)
+        return {"images": images, "token_ids": token_ids, "mask": mask}
+
+    ds = ds.map(to_dict, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_pipeline_options(deterministic=True))

@@ -1,0 +1,236 @@
+"""tf.data pipeline over (image path, caption) pairs, producing the training batch dict.
+
+    {"images": float32 [B, S, S, 3] in 0..255, "token_ids": int32 [B, L], "mask": int32 [B, L]}
+
+Design points:
+- Captions are tokenised once, up front, with `tokenizer.batch_encode`; each sample then only
+  carries its row index into a compact id table (uint16 when the ids fit) and its length.
+- Files are read and decoded in parallel (AUTOTUNE); output order is deterministic only when
+  shuffling is off, because strict ordering stalls on slow files.
+- Unreadable images never crash a run: decode errors drop the sample (`ignore_errors`), and a
+  `SkipCounter` counts exactly which samples were dropped, so the loop can print it per epoch.
+- Per-worker sharding happens on the pair list before anything is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from gpt2_effnet.data.captions import CaptionSet, Pair, find_missing
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int
+
+    def batch_encode(self, texts: Sequence[str], max_length: int, add_bos: bool = True, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class SkipCounter:
+    """Samples one worker's pipeline dropped: `missing` (file absent, known up front) and
+    `unreadable` (decode failed). Read it at the end of an epoch.
+
+    Bad files fail every epoch, so once every sample has been through the pipeline once,
+    `skipped` is also the per-epoch count. Unreadable samples are tracked by index in two
+    hash tables (attempted, decoded), which makes the count exact even with parallel,
+    out-of-order decoding; only during the very first pass can samples still in flight be
+    counted (they leave the count as soon as they are decoded).
+    """
+
+    def __init__(self) -> None:
+        self.missing = 0
+        self.num_samples = 0  # samples this worker tries to read per epoch (missing excluded)
+        self._attempted = None
+        self._decoded = None
+        self._describe: Callable[[int], str] = str
+
+    def _bind(self, num_samples: int, missing: int, describe: Callable[[int], str] | None = None) -> None:
+        import tensorflow as tf
+
+        if self._attempted is not None:
+            raise RuntimeError("a SkipCounter belongs to one pipeline; create a new one for each")
+        self.num_samples = num_samples
+        self.missing = missing
+        if describe is not None:
+            self._describe = describe
+        # Hash tables, not variables: a tf.distribute strategy scope would mirror a variable.
+        with tf.device("/cpu:0"):
+            self._attempted = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
+            self._decoded = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
+
+    def _mark(self, table, index: "tf.Tensor") -> "tf.Operation":
+        import tensorflow as tf
+
+        key = tf.reshape(tf.cast(index, tf.int64), [1])
+        return table.insert(key, tf.ones([1], tf.int64))
+
+    @property
+    def unreadable(self) -> int:
+        if self._attempted is None:
+            return 0
+        return int(self._attempted.size()) - int(self._decoded.size())
+
+    @property
+    def attempted(self) -> int:
+        """Distinct samples read at least once (== num_samples after the first full pass)."""
+        return 0 if self._attempted is None else int(self._attempted.size())
+
+    @property
+    def skipped(self) -> int:
+        return self.missing + self.unreadable
+
+    def unreadable_samples(self, limit: int = 10) -> list[str]:
+        """Up to `limit` samples (file paths, or tar:member) that failed to decode."""
+        if self._attempted is None:
+            return []
+        attempted = set(self._attempted.export()[0].numpy().tolist())
+        decoded = set(self._decoded.export()[0].numpy().tolist())
+        return [self._describe(i) for i in sorted(attempted - decoded)[:limit]]
+
+    def summary(self) -> str:
+        text = f"skipped {self.skipped} of {self.num_samples + self.missing} samples ({self.missing} missing, {self.unreadable} unreadable)"
+        bad = self.unreadable_samples(3) if self.unreadable else []
+        if bad:
+            text += "; unreadable: " + ", ".join(bad) + (", ..." if self.unreadable > len(bad) else "")
+        return text
+
+
+def _pipeline_options(deterministic: bool) -> "tf.data.Options":
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.autotune.enabled = True
+    # We shard per worker ourselves (shard_index/num_shards); auto-sharding would shard again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    # The skip tables and tokeniser calls are external state; let iterator checkpoints ignore them.
+    options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
+    return options
+
+
+def worker_slice(n: int, num_shards: int, shard_index: int) -> tuple[int, int]:
+    """Contiguous [start, stop) share of `n` samples, the same split DALI's readers use."""
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}")
+    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
+
+
+def compact_ids(token_ids: np.ndarray) -> np.ndarray:
+    """uint16 when every id fits (GPT-2: 50258 ids), halving the table a pipeline carries."""
+    return token_ids.astype(np.uint16) if token_ids.size == 0 or token_ids.max() < 2**16 else token_ids.astype(np.int32)
+
+
+def to_batch(images: "tf.Tensor", ids: "tf.Tensor", lengths: "tf.Tensor", max_length: int) -> dict[str, "tf.Tensor"]:
+    """Rebuild the training batch dict from compact ids and lengths (mask = 1 on the first `length` places)."""
+    import tensorflow as tf
+
+    return {
+        "images": images,
+        "token_ids": tf.cast(ids, tf.int32),
+        "mask": tf.cast(tf.sequence_mask(lengths, max_length), tf.int32),
+    }
+
+
+def caption_dataset(
+    pairs: Sequence[Pair] | CaptionSet,
+    tokenizer: Tokenizer,
+    image_size: int,
+    max_length: int,
+    batch_size: int,
+    shuffle: bool = True,
+    seed: int | None = 0,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    repeat: bool = False,
+    drop_remainder: bool = False,
+    skips: SkipCounter | None = None,
+    deterministic: bool | None = None,
+) -> "tf.data.Dataset":
+    """Batches of {"images", "token_ids", "mask"} for this worker's share of `pairs`.
+
+    Worker `shard_index` of `num_shards` reads a contiguous 1/num_shards of the rows. With
+    `repeat`, the dataset is infinite and reshuffles every epoch (same seed, same sequence).
+    Pass a `SkipCounter` as `skips` to read how many samples were dropped. `deterministic`
+    (default: only when not shuffling) keeps the shuffled order exactly reproducible from the
+    seed, at some cost in throughput when file read times vary.
+    """
+    import tensorflow as tf
+
+    from gpt2_effnet.data.images import decode_and_resize
+
+    if isinstance(pairs, CaptionSet):
+        all_pairs, missing = list(pairs.pairs), pairs.missing
+    else:
+        all_pairs = [(str(p), str(c)) for p, c in pairs]
+        missing = find_missing([p for p, _ in all_pairs])
+    for name, value in (("image_size", image_size), ("max_length", max_length), ("batch_size", batch_size)):
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    start, stop = worker_slice(len(all_pairs), num_shards, shard_index)
+    share = all_pairs[start:stop]
+    present = [p for p in share if p[0] not in missing]
+    if not present:
+        where = f" (worker {shard_index} of {num_shards})" if num_shards > 1 else ""
+        raise ValueError(f"no readable samples{where}: {len(share)} rows, all of their image files are missing")
+    skips = skips if skips is not None else SkipCounter()
+    skips._bind(len(present), len(share) - len(present), describe=lambda i: present[i][0])
+    ordered = (not shuffle) if deterministic is None else bool(deterministic)
+
+    paths = np.array([p for p, _ in present], dtype=object)
+    token_ids, mask = tokenizer.batch_encode([c for _, c in present], max_length)
+    lengths = mask.sum(axis=1).astype(np.int32)
+    ids = compact_ids(token_ids)
+
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(present), dtype=np.int64), paths, ids, lengths))
+    if shuffle:
+        ds = ds.shuffle(len(present), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+
+    def load(index: tf.Tensor, path: tf.Tensor, row: tf.Tensor, length: tf.Tensor):
+        with tf.control_dependencies([skips._mark(skips._attempted, index)]):
+            data = tf.io.read_file(path)
+        image = decode_and_resize(data, image_size)
+        with tf.control_dependencies([image]):  # marked decoded only if decoding succeeded
+            done = skips._mark(skips._decoded, index)
+        with tf.control_dependencies([done]):
+            image = tf.identity(image)
+        return image, row, length
+
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    ds = ds.ignore_errors()  # which files failed: skips.unreadable_samples()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(lambda im, row, n: to_batch(im, row, n, max_length), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_pipeline_options(deterministic=ordered))
+
+
+def text_tokenizer_fn(tokenizer: Tokenizer, max_length: int) -> Callable[["tf.Tensor"], tuple["tf.Tensor", "tf.Tensor"]]:
+    """Graph function: a batch of caption strings (or NUL-padded uint8 rows, as DALI hands them
+    over) -> (token_ids, mask). One Python call per *batch*: tokenising costs ~5-10 us per caption,
+    and the per-call overhead of a py-function is paid once per batch instead of per sample."""
+    import tensorflow as tf
+
+    def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if texts.dtype == np.uint8:
+            rows = [bytes(r).rstrip(b"\0") for r in texts]
+        else:
+            rows = list(texts)
+        captions = [r.decode("utf-8", errors="replace").strip() for r in rows]
+        if not captions:
+            empty = np.zeros((0, max_length), np.int32)
+            return empty, empty
+        return tokenizer.batch_encode(captions, max_length)
+
+    def fn(texts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        token_ids, mask = tf.numpy_function(encode, [texts], [tf.int32, tf.int32], stateful=False)
+        token_ids.set_shape([None, max_length])
+        mask.set_shape([None, max_length])
+        return token_ids, mask
+
+    return fn
