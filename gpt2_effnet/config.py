@@ -169,7 +169,8 @@ class TrainableConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    # The seed's Adam settings.
+    # The seed's Adam settings. Both clips apply (value first, then global norm), as in the
+    # seed; Keras 3 accepts only one, so the training loop clips itself.
     learning_rate: float = 6.25e-5
     beta_1: float = 0.9
     beta_2: float = 0.999
@@ -178,8 +179,10 @@ class OptimConfig:
     global_clipnorm: float | None = 1.0
     schedule: str = "constant"  # "constant" or "cosine" (after a linear warmup)
     warmup_steps: int = 0
+    decay_steps: int | None = None  # cosine length in steps; None = the run's total steps
     min_learning_rate_ratio: float = 0.0
     weight_decay: float = 0.0
+    loss_scale: float = 2.0**15  # initial dynamic loss scale for train.precision mixed_float16
 
     def __post_init__(self) -> None:
         if self.schedule not in ("constant", "cosine"):
@@ -188,10 +191,30 @@ class OptimConfig:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate!r}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps!r}")
+        for name in ("beta_1", "beta_2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("epsilon", "loss_scale"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"optim.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("clipvalue", "global_clipnorm"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"optim.{name} must be > 0 or null (no clipping), got {value!r}")
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ConfigError(
+                f"optim.decay_steps ({self.decay_steps}) must be greater than optim.warmup_steps ({self.warmup_steps})"
+            )
+        if not 0.0 <= self.min_learning_rate_ratio <= 1.0:
+            raise ConfigError(f"optim.min_learning_rate_ratio must be in [0, 1], got {self.min_learning_rate_ratio!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # batch_size is the global batch of one optimizer step, over all replicas and workers;
+    # each replica's share is split into grad_accum_steps micro-batches.
     batch_size: int = 32
     steps: int | None = None
     epochs: int | None = None
@@ -200,11 +223,11 @@ class TrainConfig:
     grad_accum_steps: int = 1
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
-    validate_every: int = 0
+    validate_every: int = 0  # steps between validation passes; 0 = only at the end (if validation data)
     validation_batches: int = 10
     log_every: int = 10
     seed: int = 0
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int = 2048  # 0 = no shuffling (data order as listed)
 
     def __post_init__(self) -> None:
         if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
@@ -212,9 +235,28 @@ class TrainConfig:
                 f"train.precision: {self.precision!r} is not one of "
                 "('float32', 'mixed_bfloat16', 'mixed_float16')"
             )
-        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "validation_batches",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("steps", "epochs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"train.{name} must be positive or null, got {value!r}")
+        for name in ("validate_every", "shuffle_buffer", "seed"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by "
+                f"train.grad_accum_steps ({self.grad_accum_steps})"
+            )
 
 
 @dataclass(frozen=True)

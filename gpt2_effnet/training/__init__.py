@@ -1,0 +1,36 @@
+"""Training: the one loop (``Trainer``/``train``), data adapters, checkpoints, tf.distribute.
+
+TensorFlow-only (tf.data, tf.distribute, tf.train.Checkpoint); names load lazily so that
+``gpt2-effnet train --help`` does not import TensorFlow. Programmatic use::
+
+    from gpt2_effnet.training import Trainer, caption_source, make_tokenizer
+    cfg = CaptionerConfig.load("configs/model1.yaml").replace(train={"steps": 1000})
+    data = caption_source(cfg, make_tokenizer(cfg), csv="train.csv", images="imgs/")
+    result = Trainer(cfg, "runs/a", data).fit()      # rerun: resumes from runs/a
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Trainer": "gpt2_effnet.training.loop",
+    "TrainResult": "gpt2_effnet.training.loop",
+    "DataSource": "gpt2_effnet.training.loop",
+    "DataRequest": "gpt2_effnet.training.loop",
+    "train": "gpt2_effnet.training.loop",
+    "caption_source": "gpt2_effnet.training.sources",
+    "shard_source": "gpt2_effnet.training.sources",
+    "make_tokenizer": "gpt2_effnet.training.sources",
+    "make_strategy": "gpt2_effnet.training.distribute",
+    "RunConfigMismatch": "gpt2_effnet.training.checkpoints",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gpt2_effnet.training' has no attribute {name!r}")

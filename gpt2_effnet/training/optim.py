@@ -1,0 +1,131 @@
+"""Adam with the seed's settings, a warmup + cosine schedule, and clipping done by the loop.
+
+The seed clipped by value *and* by global norm; Keras 3 optimizers accept only one of the
+two, and under ``tf.distribute`` they clip each replica's gradients before summing them,
+which makes a "global" norm depend on the number of devices. So the loop sums the
+gradients over replicas itself, clips the sum with :func:`clip_gradients`, and hands the
+result to an Adam that does not sum again (:class:`SummedGradientAdam`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import keras
+from keras import ops
+
+from ..config import OptimConfig
+
+
+@keras.saving.register_keras_serializable("gpt2_effnet")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to ``peak`` over ``warmup_steps``, then a cosine down to ``peak * min_ratio``.
+
+    Step ``s`` (0-based, the optimizer's iteration count) gets ``peak * (s + 1) / warmup_steps``
+    during warmup, so the very first update is not wasted at a learning rate of zero.
+    """
+
+    def __init__(self, peak: float, warmup_steps: int, decay_steps: int, min_ratio: float = 0.0) -> None:
+        super().__init__()
+        if decay_steps <= warmup_steps:
+            raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.decay_steps = int(decay_steps)
+        self.min_ratio = float(min_ratio)
+
+    def __call__(self, step: Any) -> Any:
+        step = ops.cast(step, "float32")
+        peak = ops.cast(self.peak, "float32")
+        warm = peak * (step + 1.0) / max(self.warmup_steps, 1)
+        progress = ops.clip((step - self.warmup_steps) / (self.decay_steps - self.warmup_steps), 0.0, 1.0)
+        floor = peak * self.min_ratio
+        cosine = floor + (peak - floor) * 0.5 * (1.0 + ops.cos(math.pi * progress))
+        return ops.where(step < self.warmup_steps, warm, cosine)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "decay_steps": self.decay_steps,
+            "min_ratio": self.min_ratio,
+        }
+
+
+def learning_rate(cfg: OptimConfig, total_steps: int | None) -> float | WarmupCosine:
+    """The config's learning rate: a float, or a :class:`WarmupCosine` over the run's length."""
+    if cfg.schedule == "constant":
+        if cfg.warmup_steps:
+            # Warmup then hold: a cosine whose decay never starts.
+            return WarmupCosine(cfg.learning_rate, cfg.warmup_steps, 2**62, min_ratio=1.0)
+        return cfg.learning_rate
+    decay_steps = cfg.decay_steps or total_steps
+    if decay_steps is None:
+        raise ValueError(
+            "optim.schedule 'cosine' needs the run's length: set optim.decay_steps or train.steps "
+            "(an --epochs run over data of unknown size has no step count to decay over)"
+        )
+    if decay_steps <= cfg.warmup_steps:
+        raise ValueError(
+            f"the cosine decays over {decay_steps} steps, which is not more than optim.warmup_steps "
+            f"({cfg.warmup_steps}); lengthen the run or shorten the warmup"
+        )
+    return WarmupCosine(cfg.learning_rate, cfg.warmup_steps, decay_steps, cfg.min_learning_rate_ratio)
+
+
+class SummedGradientAdam(keras.optimizers.Adam):
+    """Adam that trusts its gradients to be summed over replicas already (by the loop).
+
+    Keras' TensorFlow optimizer all-reduces in ``_all_reduce_sum_gradients``; the loop does
+    that earlier (to clip the true global gradient), so here it is the identity.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars: Any) -> Any:
+        return list(grads_and_vars)
+
+
+def build_optimizer(cfg: OptimConfig, total_steps: int | None, precision: str = "float32") -> keras.optimizers.Optimizer:
+    """Adam per the config; wrapped in a dynamic ``LossScaleOptimizer`` for ``mixed_float16``.
+
+    Clipping is *not* set on the optimizer: see :func:`clip_gradients`.
+    """
+    if keras.backend.backend() == "tensorflow" and not hasattr(keras.optimizers.Adam, "_all_reduce_sum_gradients"):
+        raise RuntimeError(
+            "this Keras version no longer has Optimizer._all_reduce_sum_gradients; "
+            "SummedGradientAdam needs updating before distributed training is correct"
+        )
+    optimizer: keras.optimizers.Optimizer = SummedGradientAdam(
+        learning_rate=learning_rate(cfg, total_steps),
+        beta_1=cfg.beta_1,
+        beta_2=cfg.beta_2,
+        epsilon=cfg.epsilon,
+        weight_decay=cfg.weight_decay or None,
+    )
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=cfg.loss_scale)
+    return optimizer
+
+
+def clip_gradients(
+    grads: Sequence[Any], clipvalue: float | None, global_clipnorm: float | None, scale: Any = 1.0
+) -> list[Any]:
+    """Clip each value to ``±clipvalue``, then the whole set to global norm ``global_clipnorm``.
+
+    ``scale`` is the loss scale the gradients still carry (fp16): both clips commute with a
+    positive scale when their thresholds are scaled too, so clipping scaled gradients against
+    scaled thresholds equals clipping the true gradients. Non-finite gradients stay
+    non-finite, so the loss-scale optimizer still sees them and skips the step.
+    """
+    grads = list(grads)
+    if clipvalue is not None:
+        limit = ops.cast(clipvalue, "float32") * scale
+        grads = [ops.clip(g, -ops.cast(limit, g.dtype), ops.cast(limit, g.dtype)) for g in grads]
+    if global_clipnorm is not None:
+        squares = [ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads]
+        norm = ops.sqrt(ops.sum(ops.stack(squares)))
+        limit = ops.cast(global_clipnorm, "float32") * scale
+        factor = limit / ops.maximum(norm, limit)  # 1 when within the limit; NaN/inf norm stays non-finite
+        factor = ops.where(ops.isfinite(norm), factor, norm)
+        grads = [g * ops.cast(factor, g.dtype) for g in grads]
+    return grads

@@ -1,0 +1,178 @@
+"""Adapters from the data pipelines (``gpt2_effnet.data``) to the loop's :class:`DataSource`.
+
+The loop asks for one epoch at a time with a shard, a per-replica batch and a seed; these
+functions turn that request into a call of the right pipeline, keep the epoch's skip
+counter so the loop can report it, and describe the data for the run folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import CaptionerConfig
+from .loop import DataRequest, DataSource
+
+
+def make_tokenizer(config: CaptionerConfig, tokenizer_dir: str | os.PathLike | None = None) -> Any:
+    """GPT-2's tokenizer (from ``tokenizer_dir`` when given, else the bundled vocabulary), checked against the model."""
+    from ..tokenizer import GPT2Tokenizer
+
+    specials = config.model.num_special_tokens
+    if tokenizer_dir is not None:
+        tokenizer = GPT2Tokenizer.from_pretrained(tokenizer_dir, num_special_tokens=specials)
+    else:
+        tokenizer = GPT2Tokenizer.default(num_special_tokens=specials)
+    if tokenizer.vocab_size != config.gpt2.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the config's gpt2.vocab_size is "
+            f"{config.gpt2.vocab_size}; token ids would not fit the model's embedding table"
+        )
+    if specials < 1:
+        raise ValueError("model.num_special_tokens must be >= 1: captions start with a BOS token after the vocabulary")
+    return tokenizer
+
+
+class _TokenizeOnce:
+    """The tokenizer with ``batch_encode`` remembered for the last few caption lists.
+
+    The loop builds a fresh pipeline every epoch (for epoch-seeded shuffles and exact
+    resume positions), and the CSV pipeline tokenises its worker's captions when built;
+    the captions are the same list each epoch, so this keeps it to once per run.
+    """
+
+    def __init__(self, tokenizer: Any, keep: int = 4) -> None:
+        self._tokenizer = tokenizer
+        self._keep = keep
+        self._cache: dict[tuple[tuple[str, ...], int, bool, bool], tuple[Any, Any]] = {}
+
+    def batch_encode(self, texts: Sequence[str], max_length: int, add_bos: bool = True, add_eos: bool = True) -> Any:
+        key = (tuple(texts), int(max_length), add_bos, add_eos)  # the strings are shared, not copied
+        if key not in self._cache:
+            if len(self._cache) >= self._keep:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = self._tokenizer.batch_encode(texts, max_length, add_bos=add_bos, add_eos=add_eos)
+        token_ids, mask = self._cache[key]
+        return token_ids.copy(), mask.copy()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+class _EpochSkips:
+    """The skip counter of the most recent epoch's dataset (each pipeline needs a fresh one)."""
+
+    def __init__(self) -> None:
+        self.current: Any = None
+
+    def fresh(self) -> Any:
+        from ..data.pipeline import SkipCounter
+
+        self.current = SkipCounter()
+        return self.current
+
+    def count(self) -> int:
+        return 0 if self.current is None else int(self.current.skipped)
+
+
+def caption_source(
+    config: CaptionerConfig,
+    tokenizer: Any,
+    csv: str | os.PathLike | None = None,
+    coco: str | os.PathLike | None = None,
+    images: str | os.PathLike | None = None,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    training: bool = True,
+) -> DataSource:
+    """A CSV (one row per caption) or COCO captions JSON plus an image folder, via tf.data."""
+    from ..data.captions import read_captions
+    from ..data.pipeline import caption_dataset
+
+    captions = read_captions(csv, coco, images, image_column, caption_column)
+    print(captions.summary(), flush=True)
+    tokenizer = _TokenizeOnce(tokenizer)
+    skips = _EpochSkips()
+    shuffle_buffer = config.train.shuffle_buffer
+
+    def make(request: DataRequest) -> Any:
+        return caption_dataset(
+            captions,
+            tokenizer,
+            image_size=config.model.image_size,
+            max_length=config.model.max_caption_length,
+            batch_size=request.batch_size,
+            shuffle=request.shuffle and shuffle_buffer > 0,
+            seed=request.seed,
+            num_shards=request.num_shards,
+            shard_index=request.shard_index,
+            repeat=False,
+            drop_remainder=training,
+            skips=skips.fresh(),
+        )
+
+    description = {
+        "kind": "coco" if coco is not None else "csv",
+        "file": str(Path(coco if coco is not None else csv).resolve()),  # type: ignore[arg-type]
+        "images": None if images is None else str(Path(images).resolve()),
+    }
+    if coco is None:
+        description.update(image_column=image_column, caption_column=caption_column)
+    return DataSource(make, num_examples=len(captions.existing()), skipped=skips.count, description=description)
+
+
+def shard_source(
+    config: CaptionerConfig,
+    tokenizer: Any,
+    shards: str | Sequence[str],
+    loader: str = "tfdata",
+    training: bool = True,
+) -> DataSource:
+    """Webdataset shards (a brace pattern, or a list of paths/patterns) via DALI or the pure tf.data reader."""
+    from ..data.wds import plan_shards
+
+    if loader not in ("dali", "tfdata"):
+        raise ValueError(f"--loader must be 'dali' or 'tfdata', got {loader!r}")
+    if loader == "dali":
+        from ..data.dali import dali_available
+
+        if not dali_available():
+            raise RuntimeError(
+                "--loader dali: NVIDIA DALI or its TensorFlow plugin does not import here; "
+                "install nvidia-dali-cuda120 (and its TF plugin) or use --loader tfdata"
+            )
+    total = plan_shards(shards).num_samples
+    skips = _EpochSkips()
+    shuffle_buffer = config.train.shuffle_buffer
+
+    def make(request: DataRequest) -> Any:
+        kwargs = dict(
+            image_size=config.model.image_size,
+            max_length=config.model.max_caption_length,
+            batch_size=request.batch_size,
+            shuffle=request.shuffle and shuffle_buffer > 0,
+            seed=request.seed,
+            num_shards=request.num_shards,
+            shard_index=request.shard_index,
+            repeat=False,
+            drop_remainder=training,
+            shuffle_buffer=max(shuffle_buffer, 1),
+            skips=skips.fresh(),
+        )
+        if loader == "dali":
+            from ..data.dali import dali_dataset
+
+            return dali_dataset(shards, tokenizer, **kwargs)
+        from ..data.wds import wds_dataset
+
+        return wds_dataset(shards, tokenizer, **kwargs)
+
+    return DataSource(
+        make,
+        num_examples=total,
+        skipped=skips.count,
+        # The loader is left out: DALI and tf.data read the same samples, so a resume may switch.
+        description={"kind": "shards", "pattern": shards if isinstance(shards, str) else list(shards)},
+    )
