@@ -1,0 +1,36 @@
+"""Caption and text generation: greedy, beam search, top-k/top-p/temperature sampling.
+
+All samplers run one compiled decode loop over a preallocated static KV cache; see
+:mod:`.base` (step function), :mod:`.beam` (beam search and its length penalty),
+:mod:`.sampling` (seeded sampling) and :mod:`.processors`.
+
+Names are imported lazily, so ``gpt2-effnet caption --help`` does not pay for Keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DecodeModel": "gpt2_effnet.samplers.base",
+    "GenerationConfig": "gpt2_effnet.samplers.base",
+    "GenerationOutput": "gpt2_effnet.samplers.base",
+    "caption_strings": "gpt2_effnet.samplers.api",
+    "cut_at_eos": "gpt2_effnet.samplers.api",
+    "generate": "gpt2_effnet.samplers.api",
+    "generate_captions": "gpt2_effnet.samplers.api",
+    "make_config": "gpt2_effnet.samplers.api",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gpt2_effnet.samplers' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

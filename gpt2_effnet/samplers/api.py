@@ -1,0 +1,187 @@
+"""Public entry points: ``generate`` (plain GPT-2 or captioner), ``generate_captions``, ``caption_strings``.
+
+Each distinct (settings, model) pair is compiled once into one program (image encoding,
+prompt prefill and the whole decode loop) and cached on the model; the seed and the
+inputs are runtime arguments, so a new seed or a new batch of images of the same shape
+reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from keras import ops
+
+from .backend import JitSetting, compile_loop, resolve_jit
+from .base import DecodeModel, GenerationConfig, GenerationOutput
+from .beam import beam_loop
+from .greedy import token_loop
+
+GPT2_EOS = 50256  # <|endoftext|> in the real GPT-2 vocabulary
+_CACHE_ATTR = "_gpt2_effnet_decode_programs"
+_SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"suppress_from"}
+
+
+def _is_captioner(model: Any) -> bool:
+    return hasattr(model, "encode_images") and hasattr(model, "decoder")
+
+
+def _default_eos(decoder: Any) -> int | None:
+    return GPT2_EOS if decoder.gpt2_config.vocab_size > GPT2_EOS else None
+
+
+def make_config(model: Any, **kwargs: Any) -> GenerationConfig:
+    """Settings from ``generate()`` keywords, with defaults that depend on the model.
+
+    Defaults: ``eos_token_id`` 50256 when the vocabulary has it (else none: pass it for
+    tiny test vocabularies); ``max_new_tokens`` the captioner's ``max_caption_length``, or
+    20 for a plain GPT-2; special tokens after the vocabulary are never generated.
+    """
+    unknown = sorted(set(kwargs) - _SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown generation keyword(s) {unknown}; known: {sorted(_SETTINGS)}")
+    decoder = model.decoder if _is_captioner(model) else model
+    kwargs.setdefault("eos_token_id", _default_eos(decoder))
+    if _is_captioner(model):
+        kwargs.setdefault("max_new_tokens", model.captioner_config.model.max_caption_length)
+    if decoder.num_special_tokens:
+        kwargs["suppress_from"] = decoder.gpt2_config.vocab_size
+    return GenerationConfig(**kwargs)
+
+
+def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: bool, jit: JitSetting) -> Callable:
+    """The compiled decode program for these settings, built on first use and kept on the model."""
+    jit = resolve_jit(jit) if compile else False
+    key = (config, use_cache, compile, jit)
+    programs = model.__dict__.setdefault(_CACHE_ATTR, {})  # plain dict: bypasses Keras' attribute tracking
+    if key in programs:
+        return programs[key]
+    captioner = model if _is_captioner(model) else None
+    decode_model = DecodeModel(model.decoder if captioner is not None else model, use_cache=use_cache)
+
+    def run(prompt: Any, images: Any, seed: Any) -> dict[str, Any]:
+        image_kv = None
+        if images is not None:
+            image_kv = captioner.encode_images(images, training=False)
+        if config.num_beams > 1:
+            return beam_loop(decode_model, prompt, image_kv, config)
+        return token_loop(decode_model, prompt, image_kv, seed, config)
+
+    # A model that is not compiled would need no cache attribute, but a cached eager
+    # function costs nothing and keeps one code path.
+    programs[key] = compile_loop(run, compile=compile, jit_compile=jit)
+    return programs[key]
+
+
+def _as_prompt(input_ids: Any, vocab_size: int, max_new_tokens: int, n_positions: int) -> np.ndarray:
+    prompt = np.asarray(ops.convert_to_numpy(input_ids) if not isinstance(input_ids, (list, tuple)) else input_ids)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0 or prompt.shape[0] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] array of token ids, got shape {prompt.shape}")
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise ValueError(f"input_ids must hold integers, got dtype {prompt.dtype}")
+    if prompt.min() < 0 or prompt.max() >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, {vocab_size}), got values {prompt.min()}..{prompt.max()}")
+    if prompt.shape[1] + max_new_tokens > n_positions:
+        raise ValueError(
+            f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"n_positions ({n_positions})"
+        )
+    return prompt.astype(np.int32)
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    *,
+    images: Any = None,
+    seed: int | None = None,
+    return_scores: bool = False,
+    use_cache: bool = True,
+    compile: bool = True,
+    jit_compile: JitSetting = "auto",
+    **kwargs: Any,
+) -> np.ndarray | GenerationOutput:
+    """Continue ``input_ids [B, P]`` (same length per row): ids ``[B * num_return_sequences, P + new]``.
+
+    ``model`` is a plain GPT-2 (:class:`~gpt2_effnet.gpt2.GPT2Decoder`) or a captioner
+    (then ``images [B, S, S, 3]`` are required). Keywords are Hugging Face ``generate()``'s:
+    ``max_new_tokens, min_new_tokens, num_beams, do_sample, top_k, top_p, temperature,
+    length_penalty, no_repeat_ngram_size, repetition_penalty, eos_token_id, pad_token_id,
+    num_return_sequences, early_stopping``. As there, rows that ended early are filled with
+    ``pad_token_id`` (default: EOS) and the result is cut to the longest sequence.
+    ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
+    gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
+    recomputes the full prefix at every step (for checks and benchmarks).
+    """
+    captioner = _is_captioner(model)
+    decoder = model.decoder if captioner else model
+    if captioner and images is None:
+        raise ValueError("a captioner needs images=...; use generate_captions(captioner, images)")
+    if not captioner and images is not None:
+        raise ValueError("images were given but the model is a plain GPT-2 without cross-attention")
+    config = make_config(model, **kwargs)
+    prompt = _as_prompt(input_ids, decoder.total_vocab_size, config.max_new_tokens, decoder.gpt2_config.n_positions)
+    if images is not None:
+        images = ops.convert_to_tensor(np.asarray(ops.convert_to_numpy(images), np.float32))
+        if images.shape[0] != prompt.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {prompt.shape[0]} prompts")
+    if seed is None:
+        seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+    program = _program(model, config, use_cache, compile, jit_compile)
+    out = program(ops.convert_to_tensor(prompt), images, ops.convert_to_tensor(np.int32(seed % 2**31)))
+    sequences = np.asarray(ops.convert_to_numpy(out["sequences"]))
+    lengths = np.asarray(ops.convert_to_numpy(out["lengths"]))
+    scores = np.asarray(ops.convert_to_numpy(out["scores"]))
+    width = prompt.shape[1] + int(lengths.max(initial=0))
+    sequences = sequences[:, :width]
+    if return_scores:
+        return GenerationOutput(sequences=sequences, scores=scores, lengths=lengths, prompt_length=prompt.shape[1])
+    return sequences
+
+
+def generate_captions(captioner: Any, images: Any, **kwargs: Any) -> np.ndarray | GenerationOutput:
+    """Caption ids ``[B * num_return_sequences, new]`` (BOS not included), ``pad`` after EOS.
+
+    Decoding starts from BOS (the first special token, id ``gpt2.vocab_size``). Keywords as
+    :func:`generate`; with ``return_scores=True`` the output's ``sequences`` still start with BOS.
+    """
+    if not _is_captioner(captioner):
+        raise TypeError(f"generate_captions needs a Captioner, got {type(captioner).__name__}")
+    decoder = captioner.decoder
+    if decoder.num_special_tokens < 1:
+        raise ValueError("this captioner has no special tokens, so it has no BOS to start from")
+    batch = int(np.shape(images)[0]) if not hasattr(images, "shape") else int(images.shape[0])
+    bos = decoder.gpt2_config.vocab_size
+    prompt = np.full((batch, 1), bos, np.int32)
+    out = generate(captioner, prompt, images=images, **kwargs)
+    if isinstance(out, GenerationOutput):
+        return out
+    return out[:, 1:]
+
+
+def cut_at_eos(ids: Sequence[int] | np.ndarray, eos_token_id: int | None) -> list[int]:
+    """Tokens before the first EOS."""
+    ids = [int(i) for i in np.asarray(ids).ravel()]
+    if eos_token_id is not None and eos_token_id in ids:
+        ids = ids[: ids.index(eos_token_id)]
+    return ids
+
+
+def caption_strings(
+    captioner: Any, images: Any, tokenizer: Any = None, **kwargs: Any
+) -> list[str]:
+    """Decoded captions, one per image (``num_return_sequences`` per image, in order)."""
+    if tokenizer is None:
+        from ..tokenizer import GPT2Tokenizer
+
+        tokenizer = GPT2Tokenizer.default()
+    if kwargs.pop("return_scores", False):
+        raise ValueError("caption_strings returns text; use generate_captions(..., return_scores=True) for scores")
+    kwargs.setdefault("eos_token_id", _default_eos(captioner.decoder))
+    ids = generate_captions(captioner, images, **kwargs)
+    eos = kwargs["eos_token_id"]
+    return [tokenizer.decode(cut_at_eos(row, eos)).strip() for row in ids]

@@ -1,0 +1,197 @@
+"""What every sampler shares: the settings, the result, and the model-agnostic step function.
+
+A sampler never calls a model directly. It sees a :class:`DecodeModel`, which turns "the
+tokens so far" into "logits for the next token" either through the static KV cache or,
+for checking and benchmarking, by a full forward over the whole prefix. The same sampler
+code therefore drives the plain GPT-2 (checked token for token against Hugging Face) and
+the image-conditioned captioner (whose cross-attention K/V are an extra, fixed input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+NEG_INF = float("-inf")
+# Hugging Face's beam search uses this finite "impossible" score; keeping the same value
+# keeps tie-breaking among impossible candidates identical.
+IMPOSSIBLE = -1.0e9
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; names and meanings follow Hugging Face ``generate()``.
+
+    Frozen and hashable because it is part of the key under which a compiled decode
+    program is cached (the seed is not: it is a runtime input, so new seeds never recompile).
+    """
+
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    do_sample: bool = False
+    top_k: int = 0  # 0 = off (Hugging Face's default of 50 is not copied: off is the honest default)
+    top_p: float = 1.0
+    temperature: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_penalty: float = 1.0
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    num_return_sequences: int = 1
+    early_stopping: bool | str = False
+    # Logit columns >= this id are never generated (the captioner's BOS and other specials).
+    suppress_from: int | None = None
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, minimum: int) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+        positive_int("max_new_tokens", 1)
+        positive_int("min_new_tokens", 0)
+        positive_int("num_beams", 1)
+        positive_int("top_k", 0)
+        positive_int("no_repeat_ngram_size", 0)
+        positive_int("num_return_sequences", 1)
+        for name in ("top_p", "temperature", "length_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams > 1 and self.do_sample:
+            raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
+        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+            raise ValueError(
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
+            )
+        if self.num_beams == 1 and not self.do_sample and self.num_return_sequences != 1:
+            raise ValueError("greedy search returns one sequence per input; use num_beams or do_sample")
+        if self.min_new_tokens > 0 and self.eos_token_id is None:
+            raise ValueError("min_new_tokens needs eos_token_id (it only blocks EOS)")
+        for name in ("eos_token_id", "pad_token_id", "suppress_from"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                    raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+                object.__setattr__(self, name, int(value))
+
+    @property
+    def pad(self) -> int:
+        """Filler after a sequence ends: pad, else EOS, else 0 (Hugging Face's choice order)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id if self.eos_token_id is not None else 0
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass
+class GenerationOutput:
+    """``sequences`` [B*n, prompt + new] (filled with ``pad`` after each end), one ``score``
+    and the count of new tokens (EOS included) per sequence.
+
+    ``scores``: for beam search the length-penalised sum of processed log-probabilities
+    (Hugging Face's ``sequences_scores``); for greedy/sampling the plain sum of the model's
+    log-probabilities of the chosen tokens (before any processor or temperature).
+    """
+
+    sequences: np.ndarray
+    scores: np.ndarray
+    lengths: np.ndarray
+    prompt_length: int
+
+    @property
+    def new_tokens(self) -> np.ndarray:
+        return self.sequences[:, self.prompt_length :]
+
+
+class DecodeModel:
+    """The step function + cache interface the samplers drive.
+
+    ``decoder`` is a :class:`~gpt2_effnet.gpt2.GPT2Decoder`; ``image_kv`` (given to each
+    call, never stored) is the captioner's per-image cross-attention K/V, computed once.
+    With ``use_cache=False`` every step recomputes the whole prefix: slow, but an
+    independent path for tests and the benchmark's "no cache" baseline.
+    """
+
+    def __init__(self, decoder: Any, use_cache: bool = True) -> None:
+        self.decoder = decoder
+        self.use_cache = use_cache
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (vocabulary plus special tokens)."""
+        return int(self.decoder.total_vocab_size)
+
+    def prefill(self, prompt: Any, max_length: int, image_kv: Any | None, repeats: int) -> Any:
+        """Cache holding all prompt tokens but the last (which the first step feeds).
+
+        Runs on the B distinct prompts and then repeats rows ``repeats`` times (beams /
+        return sequences), so the prompt is processed once per input, not once per beam.
+        """
+        if not self.use_cache:
+            return ops.zeros((1,), "float32")  # placeholder loop variable
+        batch, prompt_length = prompt.shape
+        cache = self.decoder.init_cache(batch, max_length)
+        if prompt_length > 1:
+            _, cache = self.decoder.call_with_cache(prompt[:, :-1], cache, 0, image_kv=image_kv)
+        if repeats > 1:
+            cache = ops.repeat(cache, repeats, axis=0)
+        return cache
+
+    def step(self, tokens: Any, length: Any, cache: Any, image_kv: Any | None) -> tuple[Any, Any]:
+        """Logits ``[N, V]`` for position ``length`` given ``tokens[:, :length]`` (``[N, L]`` buffer)."""
+        if not self.use_cache:
+            prefix = ops.slice(tokens, [0, 0], [tokens.shape[0], length])
+            logits = self.decoder(prefix, image_kv=image_kv, training=False)
+            return logits[:, -1], cache
+        last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
+        logits, cache = self.decoder.call_with_cache(last, cache, length - 1, image_kv=image_kv)
+        return logits[:, 0], cache
+
+    def reorder(self, cache: Any, rows: Any) -> Any:
+        """Beam search: row ``i`` of the new cache is row ``rows[i]`` of the old one."""
+        if not self.use_cache:
+            return cache
+        return ops.take(cache, rows, axis=0)
+
+
+def run_loop(cond: Any, body: Any, state: tuple, max_steps: int, unroll: bool) -> tuple:
+    """``while cond(*state): state = body(*state)`` with ``state[0]`` the step counter.
+
+    ``unroll=True`` (used without the KV cache) writes the steps out with Python ints, so
+    each step's growing prefix has a static length and the loop still compiles; a step
+    whose condition is false leaves the state untouched, so the result is the same.
+    """
+    if not unroll:
+        return tuple(ops.while_loop(cond, body, state))
+    rest = tuple(state[1:])
+    for step in range(max_steps):
+        go = cond(step, *rest)
+        rest = tuple(ops.cond(go, lambda: tuple(body(step, *rest)[1:]), lambda: rest))
+    return (max_steps,) + rest
+
+
+def gather_rows(x: Any, index: Any) -> Any:
+    """``x [B, K, ...]``, ``index [B, M]`` (values < K) -> ``[B, M, ...]``, per batch row."""
+    batch, width = x.shape[0], x.shape[1]
+    flat = ops.reshape(x, (batch * width,) + tuple(x.shape[2:]))
+    offsets = ops.expand_dims(ops.arange(batch, dtype="int32") * width, 1)
+    picked = ops.take(flat, ops.reshape(ops.cast(index, "int32") + offsets, (-1,)), axis=0)
+    return ops.reshape(picked, (batch, index.shape[1]) + tuple(x.shape[2:]))

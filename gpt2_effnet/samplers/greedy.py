@@ -1,0 +1,68 @@
+"""One-token-per-row decoding: greedy search and sampling share this loop.
+
+Rows that emitted EOS keep getting ``pad`` (their tokens are still computed, so shapes
+stay static); the loop ends when every row is done or ``max_new_tokens`` is reached.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from .base import DecodeModel, GenerationConfig, run_loop
+from .processors import process_scores, suppress_special, warp_logits
+from .sampling import greedy_tokens, sample_tokens
+
+
+def token_loop(
+    model: DecodeModel, prompt: Any, image_kv: Any | None, seed: Any, config: GenerationConfig
+) -> dict[str, Any]:
+    """``prompt [B, P]`` -> ``{"sequences" [B*n, P+new], "scores" [B*n], "lengths" [B*n]}``.
+
+    ``image_kv`` (if any) has B rows; both are repeated ``num_return_sequences`` times.
+    """
+    batch, prompt_length = prompt.shape
+    repeats = config.num_return_sequences
+    rows = batch * repeats
+    total = prompt_length + config.max_new_tokens
+    pad, eos = config.pad, config.eos_token_id
+
+    cache = model.prefill(prompt, total, image_kv, repeats)
+    if repeats > 1:
+        prompt = ops.repeat(prompt, repeats, axis=0)
+        image_kv = None if image_kv is None else ops.repeat(image_kv, repeats, axis=0)
+    tokens = ops.concatenate([ops.cast(prompt, "int32"), ops.full((rows, config.max_new_tokens), pad, "int32")], 1)
+
+    def cond(step, tokens, cache, done, lengths, scores):
+        return ops.logical_and(step < config.max_new_tokens, ops.logical_not(ops.all(done)))
+
+    def body(step, tokens, cache, done, lengths, scores):
+        length = prompt_length + step
+        logits, cache = model.step(tokens, length, cache, image_kv)
+        logits = suppress_special(logits, config.suppress_from)
+        processed = process_scores(logits, tokens, length, step, config)
+        if config.do_sample:
+            chosen = sample_tokens(warp_logits(processed, config), seed, step)
+        else:
+            chosen = greedy_tokens(processed)
+        chosen = ops.cast(ops.where(done, pad, chosen), "int32")
+        log_probs = ops.log_softmax(logits, axis=-1)
+        picked = ops.take_along_axis(log_probs, ops.expand_dims(chosen, 1), axis=1)[:, 0]
+        scores = scores + ops.where(done, 0.0, picked)
+        lengths = lengths + ops.cast(ops.logical_not(done), "int32")
+        tokens = ops.slice_update(tokens, [0, length], ops.expand_dims(chosen, 1))
+        if eos is not None:
+            done = ops.logical_or(done, chosen == eos)
+        return step + 1, tokens, cache, done, lengths, scores
+
+    state = (
+        ops.convert_to_tensor(0, "int32"),
+        tokens,
+        cache,
+        ops.zeros((rows,), "bool"),
+        ops.zeros((rows,), "int32"),
+        ops.zeros((rows,), "float32"),
+    )
+    _, tokens, _, _, lengths, scores = run_loop(cond, body, state, config.max_new_tokens, not model.use_cache)
+    return {"sequences": tokens, "scores": scores, "lengths": lengths}

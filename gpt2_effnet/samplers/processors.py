@@ -1,0 +1,144 @@
+"""Score processors and sampling filters, with static shapes so they compile inside the loop.
+
+They act on a ``[N, V]`` score matrix given the token buffer ``tokens [N, L]`` (prompt +
+generated so far, then filler) and ``length`` (a scalar tensor: how many leading columns
+are real). Semantics follow the Hugging Face processors of the same name, including that
+the prompt counts for repetition and n-gram bans (GPT-2 is decoder-only).
+
+Per-token masks are built with ``scatter_update`` into a ``[N, V + 1]`` buffer whose last
+column swallows every "no-op" write; since all writes store the same value, duplicate
+indices are harmless on every backend, and nothing ``N x L x V``-sized is materialised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keras import ops
+
+from .base import NEG_INF, GenerationConfig
+
+# top_p_filter ranks this many tokens first and sorts the whole vocabulary only if needed.
+TOP_P_SHORTLIST = 256
+
+
+def _scatter_mask(columns: Any, vocab_size: int) -> Any:
+    """``columns [N, M]`` (value ``vocab_size`` = nothing) -> boolean ``[N, V]`` of marked ids."""
+    rows, width = columns.shape
+    row_ids = ops.broadcast_to(ops.expand_dims(ops.arange(rows, dtype="int32"), 1), (rows, width))
+    columns = ops.minimum(ops.cast(columns, "int32"), vocab_size)  # ids beyond the logits: ignore
+    indices = ops.reshape(ops.stack([row_ids, columns], axis=-1), (rows * width, 2))
+    marks = ops.scatter_update(
+        ops.zeros((rows, vocab_size + 1), "float32"), indices, ops.ones((rows * width,), "float32")
+    )
+    return marks[:, :vocab_size] > 0.5
+
+
+def seen_tokens(tokens: Any, length: Any, vocab_size: int) -> Any:
+    """Boolean ``[N, V]``: which ids occur in ``tokens[:, :length]``."""
+    positions = ops.expand_dims(ops.arange(tokens.shape[1], dtype="int32"), 0)
+    columns = ops.where(positions < length, ops.cast(tokens, "int32"), vocab_size)
+    return _scatter_mask(columns, vocab_size)
+
+
+def banned_ngram_tokens(tokens: Any, length: Any, ngram_size: int, vocab_size: int) -> Any:
+    """Boolean ``[N, V]``: ids that would repeat an n-gram already in ``tokens[:, :length]``.
+
+    An n-gram starting at ``j`` (``j + n <= length``) whose first n-1 tokens equal the
+    current last n-1 tokens bans its own last token.
+    """
+    rows, total = tokens.shape
+    n = ngram_size
+    windows = total - n + 1
+    if windows <= 0:
+        return ops.zeros((rows, vocab_size), "bool")
+    tokens = ops.cast(tokens, "int32")
+    starts = ops.arange(windows, dtype="int32")
+    match = ops.broadcast_to(ops.expand_dims(starts <= length - n, 0), (rows, windows))
+    for i in range(n - 1):
+        index = ops.maximum(length - n + 1 + i, 0)
+        suffix_token = ops.take(tokens, ops.reshape(index, (1,)), axis=1)  # [N, 1]
+        match = ops.logical_and(match, tokens[:, i : i + windows] == suffix_token)
+    columns = ops.where(match, tokens[:, n - 1 : n - 1 + windows], vocab_size)
+    return _scatter_mask(columns, vocab_size)
+
+
+def suppress_special(scores: Any, first_special: int | None) -> Any:
+    """Never generate ids >= ``first_special`` (the captioner's BOS and other extras)."""
+    vocab_size = scores.shape[-1]
+    if first_special is None or first_special >= vocab_size:
+        return scores
+    keep = ops.arange(vocab_size, dtype="int32") < first_special
+    return ops.where(ops.expand_dims(keep, 0), scores, NEG_INF)
+
+
+def process_scores(scores: Any, tokens: Any, length: Any, new_tokens: Any, config: GenerationConfig) -> Any:
+    """Repetition penalty, no-repeat n-grams, min_new_tokens, in Hugging Face's order.
+
+    ``new_tokens`` is how many tokens have been generated so far (scalar tensor).
+    """
+    vocab_size = scores.shape[-1]
+    if config.repetition_penalty != 1.0:
+        seen = seen_tokens(tokens, length, vocab_size)
+        penalty = config.repetition_penalty
+        penalised = ops.where(scores < 0, scores * penalty, scores / penalty)
+        scores = ops.where(seen, penalised, scores)
+    if config.no_repeat_ngram_size > 0:
+        banned = banned_ngram_tokens(tokens, length, config.no_repeat_ngram_size, vocab_size)
+        scores = ops.where(banned, NEG_INF, scores)
+    if config.min_new_tokens > 0 and config.eos_token_id is not None and config.eos_token_id < vocab_size:
+        is_eos = ops.expand_dims(ops.arange(vocab_size, dtype="int32") == config.eos_token_id, 0)
+        too_early = new_tokens < config.min_new_tokens
+        scores = ops.where(ops.logical_and(is_eos, too_early), NEG_INF, scores)
+    return scores
+
+
+# -- sampling filters ---------------------------------------------------------------------------
+
+
+def top_k_filter(logits: Any, k: int) -> Any:
+    """Keep the k largest logits per row (and anything tied with the k-th)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = ops.top_k(logits, k)[0][:, -1:]
+    return ops.where(logits < kth, NEG_INF, logits)
+
+
+def top_p_filter(logits: Any, p: float) -> Any:
+    """Keep the smallest set of most probable tokens whose probabilities add up to >= p.
+
+    A token is kept when the probability mass of the tokens ranked strictly above it is
+    < p, so the set is minimal; the top token is always kept (p -> 0 is greedy). Ties with
+    the last kept logit are kept too.
+    """
+    if p >= 1.0:
+        return logits
+    vocab_size = logits.shape[-1]
+    log_total = ops.logsumexp(logits, axis=-1, keepdims=True)
+
+    def threshold_among(count: int) -> tuple[Any, Any]:
+        """(smallest kept logit, whether the ``count`` best tokens already reach p) per row."""
+        ranked = ops.top_k(logits, count)[0]  # descending
+        probs = ops.exp(ranked - log_total)
+        cumulative = ops.cumsum(probs, axis=-1)
+        keep_count = ops.maximum(ops.sum(ops.cast(cumulative - probs < p, "int32"), axis=-1), 1)
+        keep_count = ops.minimum(keep_count, count)
+        threshold = ops.take_along_axis(ranked, ops.expand_dims(keep_count - 1, -1), axis=-1)
+        return threshold, cumulative[:, -1] >= p
+
+    if vocab_size <= TOP_P_SHORTLIST:
+        threshold, _ = threshold_among(vocab_size)
+    else:
+        # A trained model's nucleus is usually a few dozen tokens: rank a shortlist (cheap
+        # top-k) and sort the whole vocabulary only when some row's shortlist falls short of p.
+        threshold, reached = threshold_among(TOP_P_SHORTLIST)
+        threshold = ops.cond(ops.all(reached), lambda: threshold, lambda: threshold_among(vocab_size)[0])
+    return ops.where(logits < threshold, NEG_INF, logits)
+
+
+def warp_logits(logits: Any, config: GenerationConfig) -> Any:
+    """Temperature, then top-k, then top-p: Hugging Face's warper order."""
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    logits = top_k_filter(logits, config.top_k)
+    return top_p_filter(logits, config.top_p)

@@ -1,0 +1,101 @@
+"""Greedy and beam search equal Hugging Face ``generate()`` token for token (PyTorch CPU reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from gpt2_effnet.config import GPT2Config  # noqa: E402
+from gpt2_effnet.gpt2 import GPT2Decoder  # noqa: E402
+from gpt2_effnet.samplers import generate  # noqa: E402
+
+VOCAB = 16
+MAX_NEW = 12
+PROMPTS = np.array([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A tiny random GPT-2 in transformers (wide init so logits are far apart) and ours with its weights."""
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=32, n_embd=24, n_layer=2, n_head=2, initializer_range=0.4,
+        bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    ours = GPT2Decoder(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=24, n_layer=2, n_head=2))
+    state = {k.removeprefix("transformer."): v.numpy() for k, v in hf.state_dict().items()}
+    for name, variable in ours.named_weights().items():
+        variable.assign(state[name])
+    # Make EOS a token the model actually produces, so finished hypotheses are exercised.
+    free = hf_generate(hf, eos=None)[:, PROMPTS.shape[1] :]
+    eos = int(np.bincount(free.ravel(), minlength=VOCAB).argmax())
+    return hf, ours, eos
+
+
+def hf_generate(hf, eos, **kwargs) -> np.ndarray:
+    prompt = torch.tensor(PROMPTS)
+    with torch.no_grad():
+        out = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_NEW, eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0, do_sample=False, **kwargs,
+        )
+    return out.numpy()
+
+
+CASES = {
+    "greedy": dict(),
+    "greedy-repetition-penalty": dict(repetition_penalty=1.8),
+    "greedy-min-new-tokens": dict(min_new_tokens=6),
+    "beam3": dict(num_beams=3),
+    "beam3-no-repeat-2gram": dict(num_beams=3, no_repeat_ngram_size=2),
+    "beam3-no-repeat-3gram-compiled": dict(num_beams=3, no_repeat_ngram_size=3, _compile=True),
+    "beam4-lp0.5-return2": dict(num_beams=4, length_penalty=0.5, num_return_sequences=2),
+    "beam4-lp-neg-early-true": dict(num_beams=4, length_penalty=-1.0, early_stopping=True),
+    "beam3-lp2-never": dict(num_beams=3, length_penalty=2.0, early_stopping="never"),
+    "beam5-repetition-min-new": dict(num_beams=5, repetition_penalty=1.5, min_new_tokens=4),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_transformers_generate(models, name: str) -> None:
+    hf, ours, eos = models
+    kwargs = dict(CASES[name])
+    compile_ = kwargs.pop("_compile", False)
+    reference = hf_generate(hf, eos, **kwargs)
+    got = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, compile=compile_, **kwargs)
+    assert got.shape == reference.shape, f"{got.shape} != {reference.shape}\nours\n{got}\nhf\n{reference}"
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_beam_scores_match_transformers(models) -> None:
+    hf, ours, eos = models
+    prompt = torch.tensor(PROMPTS)
+    with torch.no_grad():
+        ref = hf.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=MAX_NEW, eos_token_id=eos,
+            pad_token_id=eos, num_beams=4, num_return_sequences=3, length_penalty=0.7, do_sample=False,
+            return_dict_in_generate=True, output_scores=True,
+        )
+    got = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, num_beams=4, num_return_sequences=3,
+                   length_penalty=0.7, return_scores=True, compile=False)
+    np.testing.assert_array_equal(got.sequences, ref.sequences.numpy())
+    np.testing.assert_allclose(got.scores, ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_cases_exercise_eos_and_the_processors(models) -> None:
+    """Guard against a vacuous comparison: EOS occurs, and the processors change the output."""
+    hf, ours, eos = models
+    plain = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, num_beams=3, compile=False)
+    assert (plain[:, PROMPTS.shape[1] :] == eos).any()
+    greedy = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, compile=False)
+    assert (greedy[:, PROMPTS.shape[1] :] == eos).any()
+    for kwargs in (dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.8), dict(min_new_tokens=6)):
+        changed = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, compile=False, **kwargs)
+        assert changed.shape != greedy.shape or (changed != greedy).any(), kwargs
+    ngram = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, num_beams=3, no_repeat_ngram_size=2,
+                     compile=False)
+    assert ngram.shape != plain.shape or (ngram != plain).any()

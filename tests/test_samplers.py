@@ -1,0 +1,341 @@
+"""Samplers against references nobody here wrote: exhaustive search, direct numpy, full forwards."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from keras import ops
+
+from gpt2_effnet.captioner import Captioner
+from gpt2_effnet.config import CaptionerConfig, GPT2Config
+from gpt2_effnet.gpt2 import GPT2Decoder
+from gpt2_effnet.samplers import DecodeModel, GenerationConfig, generate, generate_captions
+from gpt2_effnet.samplers.processors import banned_ngram_tokens, top_k_filter, top_p_filter
+from gpt2_effnet.samplers.sampling import sample_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_decoder(vocab_size: int, seed: int, n_positions: int = 16, scale: float = 0.5) -> GPT2Decoder:
+    """Random GPT-2 with large weights, so that sequence scores are far apart (no near-ties)."""
+    decoder = GPT2Decoder(GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=16, n_layer=2, n_head=2))
+    rng = np.random.default_rng(seed)
+    for variable in decoder.weights:
+        variable.assign(rng.normal(0.0, scale, variable.shape).astype("float32"))
+    return decoder
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def exhaustive(decoder: GPT2Decoder, prompt: list[int], max_new: int, eos: int | None, alpha: float):
+    """Every finished sequence (EOS only at its end, or max_new long) with sum(log p) / len ** alpha."""
+    vocab = decoder.total_vocab_size
+    sequences: list[tuple[int, ...]] = []
+    for length in range(1, max_new + 1):
+        for seq in itertools.product(range(vocab), repeat=length):
+            if eos is not None and eos in seq[:-1]:
+                continue
+            if length < max_new and (eos is None or seq[-1] != eos):
+                continue
+            sequences.append(seq)
+    scores = {}
+    for length in range(1, max_new + 1):
+        group = [s for s in sequences if len(s) == length]
+        if not group:
+            continue
+        ids = np.array([prompt + list(s) for s in group])
+        logp = log_softmax(np.asarray(decoder(ids)))
+        for row, seq in enumerate(group):
+            total = sum(logp[row, len(prompt) - 1 + t, tok] for t, tok in enumerate(seq))
+            scores[seq] = total / length**alpha
+    return scores
+
+
+@pytest.mark.parametrize(
+    "eos, alpha", [(None, 1.0), (3, 1.0), (3, 2.0), (3, -0.7)], ids=["no-eos", "eos-lp1", "eos-lp2", "eos-lp-neg"]
+)
+def test_beam_search_with_k_at_least_v_to_the_l_is_exhaustive(eos, alpha) -> None:
+    vocab, max_new = 4, 3
+    decoder = tiny_decoder(vocab, seed=7)
+    prompts = [[1, 2], [0, 3]]
+    beams = vocab**max_new
+    references = [exhaustive(decoder, p, max_new, eos, alpha) for p in prompts]
+    count = len(references[0])
+    assert count <= beams
+    out = generate(
+        decoder, np.array(prompts), num_beams=beams, num_return_sequences=count, max_new_tokens=max_new,
+        eos_token_id=eos, length_penalty=alpha, return_scores=True, compile=False,
+    )
+    for b, reference in enumerate(references):
+        rows = slice(b * count, (b + 1) * count)
+        got = [tuple(seq[2 : 2 + n]) for seq, n in zip(out.sequences[rows], out.lengths[rows])]
+        assert set(got) == set(reference), "beam search did not return every finished sequence"
+        for seq, score in zip(got, out.scores[rows]):
+            assert score == pytest.approx(reference[seq], abs=1e-4)
+        np.testing.assert_allclose(out.scores[rows], sorted(reference.values(), reverse=True), atol=1e-4)
+    if eos is not None:
+        assert {len(s) for s in references[0]} == {1, 2, 3}
+
+
+def test_beam_best_hypothesis_is_the_exhaustive_argmax_with_fewer_beams() -> None:
+    """With K < V^L beam search may miss the optimum; with K = V^(L-1) on this model it must not."""
+    decoder = tiny_decoder(5, seed=3)
+    reference = exhaustive(decoder, [1], 3, eos=4, alpha=1.0)
+    best = max(reference, key=reference.get)
+    out = generate(decoder, [[1]], num_beams=25, max_new_tokens=3, eos_token_id=4, return_scores=True, compile=False)
+    assert tuple(out.sequences[0, 1 : 1 + out.lengths[0]]) == best
+    assert out.scores[0] == pytest.approx(reference[best], abs=1e-4)
+
+
+def _check_cached_steps(decoder: GPT2Decoder, tokens: np.ndarray, image_kv=None) -> None:
+    """Feed tokens one at a time through the cached step and compare with a full forward each step."""
+    cached, full = DecodeModel(decoder, use_cache=True), DecodeModel(decoder, use_cache=False)
+    total = tokens.shape[1]
+    tokens_t = ops.convert_to_tensor(tokens.astype("int32"))
+    cache = cached.prefill(tokens_t[:, :2], total, image_kv, repeats=1)  # holds token 0
+    for length in range(2, total + 1):
+        got, cache = cached.step(tokens_t, length, cache, image_kv)
+        want, _ = full.step(tokens_t, length, None, image_kv)
+        reference = np.asarray(decoder(tokens[:, :length], image_kv=image_kv))[:, -1]
+        np.testing.assert_allclose(np.asarray(got), reference, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(want), reference, atol=2e-5)
+
+
+def test_cached_step_equals_full_forward_plain_decoder(rng) -> None:
+    decoder = tiny_decoder(11, seed=1, n_positions=12)
+    _check_cached_steps(decoder, rng.integers(0, 11, (3, 9)))
+
+
+def tiny_captioner(vocab_size: int = 23, **model) -> Captioner:
+    config = CaptionerConfig.from_dict({
+        "gpt2": {"vocab_size": vocab_size, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2},
+        "model": {"backbone": "efficientnetb0", "image_size": 64, "encoder_layers": 1, "encoder_heads": 2,
+                  "cross_attention": "ungated", "num_special_tokens": 1, "max_caption_length": 8, **model},
+    })
+    return Captioner(config)
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    model = tiny_captioner()
+    rng = np.random.default_rng(5)
+    for variable in model.decoder.weights:
+        variable.assign(rng.normal(0.0, 0.4, variable.shape).astype("float32"))
+    return model
+
+
+def test_cached_step_equals_full_forward_with_cross_attention(captioner, rng) -> None:
+    decoder = captioner.decoder
+    image_kv = decoder.project_image(rng.normal(size=(2, 5, 16)).astype("float32"))
+    tokens = rng.integers(0, decoder.total_vocab_size, (2, 8))
+    _check_cached_steps(decoder, tokens, image_kv)
+    # The image K/V really are used: other images give other logits.
+    other = decoder.project_image(rng.normal(size=(2, 5, 16)).astype("float32"))
+    a, b = np.asarray(decoder(tokens, image_kv=image_kv)), np.asarray(decoder(tokens, image_kv=other))
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_caption_generation_cached_equals_uncached_and_never_emits_bos(captioner, rng) -> None:
+    images = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    # Beams exercise the cache reordering; greedy is compared the same way in the torch test.
+    fast = generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False)
+    slow = generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False, use_cache=False)
+    np.testing.assert_array_equal(fast, slow)
+    assert (fast < captioner.decoder.gpt2_config.vocab_size).all()
+
+
+def test_compiled_loop_equals_eager_loop(rng) -> None:
+    decoder = tiny_decoder(12, seed=2, n_positions=24)
+    prompt = rng.integers(0, 12, (2, 3))
+    # (Compiled greedy is checked against eager greedy by tests/test_caption_cli.py.)
+    settings = [
+        dict(num_beams=3, no_repeat_ngram_size=2, num_return_sequences=2),
+        dict(do_sample=True, top_p=0.8, top_k=6, temperature=1.3, seed=11, num_return_sequences=2),
+    ]
+    for kwargs in settings:
+        common = dict(max_new_tokens=8, eos_token_id=3, **kwargs)
+        compiled = generate(decoder, prompt, return_scores=True, **common)
+        eager = generate(decoder, prompt, return_scores=True, compile=False, **common)
+        np.testing.assert_array_equal(compiled.sequences, eager.sequences)
+        np.testing.assert_allclose(compiled.scores, eager.scores, atol=1e-4)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sampler_model() -> GPT2Decoder:
+    return tiny_decoder(30, seed=4, n_positions=20, scale=0.3)
+
+
+PROMPT = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+
+
+def test_nucleus_with_tiny_p_and_top_k_1_are_greedy(sampler_model) -> None:
+    greedy = generate(sampler_model, PROMPT, max_new_tokens=10, eos_token_id=0, compile=False)
+    for seed in (0, 1):
+        nucleus = generate(sampler_model, PROMPT, max_new_tokens=10, eos_token_id=0, do_sample=True,
+                           top_p=1e-6, temperature=2.0, seed=seed, compile=False)
+        np.testing.assert_array_equal(nucleus, greedy)
+        top1 = generate(sampler_model, PROMPT, max_new_tokens=10, eos_token_id=0, do_sample=True,
+                        top_k=1, seed=seed, compile=False)
+        np.testing.assert_array_equal(top1, greedy)
+
+
+def test_same_seed_same_samples_other_seed_other_samples(sampler_model) -> None:
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=3.0, num_return_sequences=2, compile=False)
+    a = generate(sampler_model, PROMPT, seed=5, **kwargs)
+    b = generate(sampler_model, PROMPT, seed=5, **kwargs)
+    c = generate(sampler_model, PROMPT, seed=6, **kwargs)
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    # The copies of one prompt are different draws, not repeats.
+    assert (a[0::2] != a[1::2]).any()
+    greedy = generate(sampler_model, PROMPT, max_new_tokens=10, compile=False)
+    assert (a[0::2] != greedy).any()
+
+
+def _nucleus_sizes(logits: np.ndarray, p: float) -> list[int]:
+    sizes = []
+    for row in logits:
+        probs = np.sort(np.exp(log_softmax(row)))[::-1]
+        sizes.append(int(np.searchsorted(np.cumsum(probs), p) + 1))  # first prefix with mass >= p
+    return sizes
+
+
+def test_top_p_filter_keeps_the_minimal_set_reaching_p(rng) -> None:
+    from gpt2_effnet.samplers.processors import TOP_P_SHORTLIST
+
+    cases = {
+        "small vocabulary": rng.normal(0, 2, (6, 40)),
+        "peaked, within the shortlist": rng.normal(0, 5, (4, 3 * TOP_P_SHORTLIST)),
+        "flat, needs the full sort": rng.normal(0, 0.3, (3, 3 * TOP_P_SHORTLIST)),
+    }
+    for name, logits in cases.items():
+        logits = logits.astype("float32")
+        for p in (0.05, 0.3, 0.5, 0.9, 0.99):
+            kept = np.isfinite(np.asarray(top_p_filter(ops.convert_to_tensor(logits), p)))
+            for row, size in enumerate(_nucleus_sizes(logits, p)):
+                expected = np.zeros(logits.shape[1], bool)
+                expected[np.argsort(-logits[row])[:size]] = True
+                np.testing.assert_array_equal(kept[row], expected, err_msg=f"{name} p={p} row={row}")
+    # Both branches of the shortlist logic were really taken.
+    assert max(_nucleus_sizes(cases["peaked, within the shortlist"], 0.99)) < TOP_P_SHORTLIST
+    assert max(_nucleus_sizes(cases["flat, needs the full sort"], 0.9)) > TOP_P_SHORTLIST
+
+
+def test_top_k_filter_keeps_k_largest(rng) -> None:
+    logits = rng.normal(0, 1, (4, 25)).astype("float32")
+    kept = np.isfinite(np.asarray(top_k_filter(ops.convert_to_tensor(logits), 7)))
+    expected = logits >= np.sort(logits, axis=1)[:, -7:-6]
+    np.testing.assert_array_equal(kept, expected)
+    assert kept.sum(1).tolist() == [7] * 4
+
+
+def test_sampled_frequencies_follow_the_distribution() -> None:
+    probs = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
+    with np.errstate(divide="ignore"):
+        logits = np.log(probs).astype("float32")
+    rows = 20000
+    tokens = np.asarray(sample_tokens(ops.convert_to_tensor(np.tile(logits, (rows, 1))), 123, 4))
+    freq = np.bincount(tokens, minlength=5) / rows
+    np.testing.assert_allclose(freq, probs, atol=0.015)
+    assert freq[4] == 0.0
+    # Successive steps draw fresh numbers.
+    again = np.asarray(sample_tokens(ops.convert_to_tensor(np.tile(logits, (rows, 1))), 123, 5))
+    assert (again != tokens).mean() > 0.3
+
+
+def test_no_repeat_ngram_ban_matches_a_direct_scan(rng) -> None:
+    tokens = rng.integers(0, 6, (5, 14))
+    for n in (1, 2, 3):
+        for length in (1, 4, 9, 14):
+            banned = np.asarray(banned_ngram_tokens(ops.convert_to_tensor(tokens.astype("int32")), length, n, 6))
+            for row in range(5):
+                seq = tokens[row, :length].tolist()
+                expected = np.zeros(6, bool)
+                if length >= n:
+                    prefix = seq[length - n + 1 :] if n > 1 else []
+                    for j in range(length - n + 1):
+                        if seq[j : j + n - 1] == prefix:
+                            expected[seq[j + n - 1]] = True
+                np.testing.assert_array_equal(banned[row], expected, err_msg=f"n={n} length={length}")
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(TypeError, match="num_beam"):
+        generate(tiny_decoder(5, 0), [[1]], num_beam=3)
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="n_positions"):
+        generate(tiny_decoder(5, 0), [[1, 2]], max_new_tokens=15)
+    with pytest.raises(ValueError, match="input_ids"):
+        generate(tiny_decoder(5, 0), [[1, 7]])
+    with pytest.raises(NotImplementedError):
+        GenerationConfig(num_beams=2, do_sample=True)
+
+
+TORCH_SCRIPT = textwrap.dedent(
+    """
+        import sys
+        import numpy as np
+        import keras
+        from gpt2_effnet.captioner import Captioner
+        from gpt2_effnet.config import CaptionerConfig
+        from gpt2_effnet.samplers import generate_captions, DecodeModel
+
+        assert keras.backend.backend() == "torch"
+        config = CaptionerConfig.from_dict({
+            "gpt2": {"vocab_size": 23, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2},
+            "model": {"backbone": "efficientnetb0", "image_size": 64, "encoder_layers": 1, "encoder_heads": 2,
+                      "cross_attention": "ungated", "max_caption_length": 6},
+        })
+        model = Captioner(config)
+        rng = np.random.default_rng(0)
+        for v in model.decoder.weights:
+            v.assign(rng.normal(0, 0.4, v.shape).astype("float32"))
+        images = rng.uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+        logits = model({"images": images, "token_ids": np.array([[23, 1, 2], [23, 3, 4]])})
+        assert tuple(logits.shape) == (2, 3, 24)
+        fast = generate_captions(model, images, eos_token_id=0)
+        slow = generate_captions(model, images, eos_token_id=0, use_cache=False)
+        beams = generate_captions(model, images, eos_token_id=0, num_beams=3)
+        assert fast.shape[0] == 2 and (fast == slow).all(), (fast, slow)
+        assert beams.shape[0] == 2
+        assert "tensorflow" not in sys.modules, "the torch path imported TensorFlow"
+        print("ok", fast.tolist())
+        """
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_run(tmp_path_factory):
+    """Start the torch-backend run when this module starts, so it overlaps the other tests."""
+    env = {**os.environ, "KERAS_BACKEND": "torch", "CUDA_VISIBLE_DEVICES": ""}
+    log = tmp_path_factory.mktemp("torch") / "log.txt"
+    with log.open("w") as sink:
+        process = subprocess.Popen([sys.executable, "-c", TORCH_SCRIPT], cwd=REPO, env=env,
+                                   stdout=sink, stderr=subprocess.STDOUT)
+    yield process, log
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_torch_backend_captions_without_tensorflow(torch_run) -> None:
+    process, log = torch_run
+    process.wait(timeout=300)
+    output = log.read_text()
+    assert process.returncode == 0, output
+    assert "ok" in output
