@@ -39,6 +39,7 @@ class Captioner(keras.Model):
             backbone_weights=cfg.model.backbone_weights,
             epsilon=cfg.gpt2.layer_norm_epsilon,
             dropout=cfg.model.dropout,
+            bn_momentum=cfg.model.backbone_bn_momentum,
             name="encoder",
             dtype=policy,
         )

@@ -142,6 +142,10 @@ class ModelConfig:
     num_special_tokens: int = 1  # extra trainable embeddings after the vocabulary (BOS first)
     max_caption_length: int = 40
     dropout: float = 0.0
+    # BatchNorm momentum inside the backbone; None keeps Keras' 0.99. A backbone trained
+    # from scratch for a few hundred steps needs a lower value (e.g. 0.9), or its moving
+    # statistics still describe the untrained network when it is evaluated.
+    backbone_bn_momentum: float | None = None
 
     def __post_init__(self) -> None:
         if self.cross_attention not in CROSS_ATTENTION_KINDS:
@@ -156,6 +160,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.backbone_bn_momentum is not None and not 0.0 <= self.backbone_bn_momentum < 1.0:
+            raise ConfigError(f"model.backbone_bn_momentum must be in [0, 1), got {self.backbone_bn_momentum!r}")
 
 
 @dataclass(frozen=True)

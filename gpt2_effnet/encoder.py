@@ -53,6 +53,7 @@ class ImageEncoder(keras.Model):
         backbone_weights: str | None = None,
         epsilon: float = 1e-5,
         dropout: float = 0.0,
+        bn_momentum: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -64,7 +65,12 @@ class ImageEncoder(keras.Model):
         self.backbone_weights = backbone_weights
         self.epsilon = epsilon
         self.dropout = dropout
+        self.bn_momentum = bn_momentum
         self.backbone = build_backbone(backbone, image_size, backbone_weights)
+        if bn_momentum is not None:
+            for layer in self.backbone.layers:
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.momentum = bn_momentum
         _, height, width_, channels = self.backbone.output_shape
         self.grid = (height, width_)
         self.sequence_length = height * width_
@@ -114,4 +120,5 @@ class ImageEncoder(keras.Model):
             "backbone_weights": None,
             "epsilon": self.epsilon,
             "dropout": self.dropout,
+            "bn_momentum": self.bn_momentum,
         }

@@ -121,15 +121,25 @@ class GPT2Decoder(keras.Model):
         return table
 
     def _embed(self, token_ids: Any, position_ids: Any, training: bool | None) -> Any:
-        table = ops.cast(self.embedding_table(), self.compute_dtype)
-        tokens = ops.take(table, ops.cast(token_ids, "int32"), axis=0)
+        # Look the two tables up separately rather than concatenating them: the pretrained
+        # table is large (50257 rows), and a concatenation would copy it at every step.
+        token_ids = ops.cast(token_ids, "int32")
+        vocab = self.gpt2_config.vocab_size
+        tokens = ops.take(self.wte.embeddings, ops.minimum(token_ids, vocab - 1), axis=0)
+        if self.wte_special is not None:
+            special = ops.take(self.wte_special.embeddings, ops.maximum(token_ids - vocab, 0), axis=0)
+            tokens = ops.where(ops.expand_dims(token_ids >= vocab, -1), ops.cast(special, tokens.dtype), tokens)
+        tokens = ops.cast(tokens, self.compute_dtype)
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
     def _head(self, hidden: Any) -> Any:
         hidden = self.ln_f(hidden)
-        table = ops.cast(self.embedding_table(), hidden.dtype)
-        return ops.cast(ops.einsum("btw,vw->btv", hidden, table), "float32")
+        logits = ops.einsum("btw,vw->btv", hidden, ops.cast(self.wte.embeddings, hidden.dtype))
+        if self.wte_special is not None:
+            special = ops.einsum("btw,vw->btv", hidden, ops.cast(self.wte_special.embeddings, hidden.dtype))
+            logits = ops.concatenate([logits, special], axis=-1)
+        return ops.cast(logits, "float32")
 
     def call(
         self,

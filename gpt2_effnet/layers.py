@@ -146,10 +146,10 @@ class CrossAttention(keras.layers.Layer):
 
     def call(self, x: Any, image_kv: Any, training: bool | None = None) -> Any:
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, -1))
+        query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, self.width // self.num_heads))
         image_kv = ops.cast(image_kv, query.dtype)
         out = attend(query, image_kv[:, 0], image_kv[:, 1])
-        out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, -1))), training=training)
+        out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, self.width))), training=training)
         if self.gated:
             out = out * ops.cast(ops.tanh(self.gate), out.dtype)
         return out

@@ -175,3 +175,14 @@ def test_decoder_runs_identically_on_the_torch_backend(tmp_path, rng) -> None:
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "tf.npy"), atol=1e-5)
+
+
+def test_backbone_bn_momentum_is_applied() -> None:
+    import keras
+
+    model = Captioner(tiny_config(backbone_bn_momentum=0.9))
+    norms = [l for l in model.encoder.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms and all(l.momentum == 0.9 for l in norms)
+    default = Captioner(tiny_config())
+    assert all(l.momentum == 0.99 for l in default.encoder.backbone.layers
+               if isinstance(l, keras.layers.BatchNormalization))
