@@ -138,7 +138,7 @@ class ModelConfig:
     image_size: int = 224
     encoder_layers: int = 2
     encoder_heads: int = 8
-    cross_attention: str = "gated"
+    cross_attention: str = "ungated"  # the demo learned faster ungated (BENCHMARKS.md, "Demo")
     num_special_tokens: int = 1  # extra trainable embeddings after the vocabulary (BOS first)
     max_caption_length: int = 40
     dropout: float = 0.0
