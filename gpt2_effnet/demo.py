@@ -33,16 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _load_images(paths: list[Path], size: int) -> np.ndarray:
-    from PIL import Image
-
-    out = np.empty((len(paths), size, size, 3), np.float32)
-    for i, path in enumerate(paths):
-        with Image.open(path) as image:
-            out[i] = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32)
-    return out
-
-
 def _caption_all(model: Any, images: np.ndarray, tokenizer: Any, desc: str, batch: int = 64, **kwargs: Any) -> list[str]:
     from tqdm import tqdm
 
@@ -60,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
     from .data.synthetic import write_synthetic
     from .evaluation import score_captions
     from .plots import caption_grid, loss_curve
+    from .samplers.cli import read_image
     from .training.loop import train
     from .training.sources import caption_source, make_tokenizer
 
@@ -105,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         for row in csv.DictReader(handle):
             references[row["image"]].append(row["caption"])
     names = sorted(references)
-    images = _load_images([data / name for name in names], config.model.image_size)
+    images = np.stack([read_image(data / name, config.model.image_size) for name in names])
     model = Captioner.load(run_dir)
     max_new = config.model.max_caption_length
     eos = tokenizer.eos_token_id

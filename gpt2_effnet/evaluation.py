@@ -174,12 +174,9 @@ def match_predictions(images: Sequence[str], predictions: Mapping[str, str]) -> 
 
 def _caption_images(args: argparse.Namespace, paths: list[str]) -> tuple[dict[str, str], dict[str, str]]:
     """Caption ``paths`` in batches; returns (captions, unreadable path -> reason)."""
-    import numpy as np
-    from tqdm import tqdm
-
     from .captioner import Captioner
     from .samplers import caption_strings
-    from .samplers.cli import read_image
+    from .samplers.cli import caption_paths
     from .tokenizer import GPT2Tokenizer
 
     model = Captioner.load(args.checkpoint)
@@ -198,23 +195,15 @@ def _caption_images(args: argparse.Namespace, paths: list[str]) -> tuple[dict[st
     size = model.captioner_config.model.image_size
     captions: dict[str, str] = {}
     bad: dict[str, str] = {}
-    with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            chunk = paths[start : start + args.batch_size]
-            good, pixels = [], []
-            for path in chunk:
-                try:
-                    pixels.append(read_image(Path(path), size))
-                    good.append(path)
-                except Exception as err:  # unreadable image: a counted skip
-                    bad[path] = f"{type(err).__name__}: {err}"
-            if pixels:
-                images = np.stack(pixels)
-                if len(images) < args.batch_size and len(paths) > args.batch_size:
-                    images = np.concatenate([images, np.repeat(images[-1:], args.batch_size - len(images), 0)])
-                for path, text in zip(good, caption_strings(model, images, tokenizer=tokenizer, **kwargs)):
-                    captions[path] = text
-            bar.update(len(chunk))
+
+    def caption_fn(images: Any) -> list[str]:
+        return caption_strings(model, images, tokenizer=tokenizer, **kwargs)
+
+    for path, text, error in caption_paths(paths, size, args.batch_size, caption_fn):
+        if error is None:
+            captions[path] = text
+        else:
+            bad[path] = error
     return captions, bad
 
 

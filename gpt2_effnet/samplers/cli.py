@@ -13,7 +13,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable, TextIO
+from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 import numpy as np
 
@@ -54,6 +54,39 @@ def find_images(inputs: Iterable[str], recursive: bool = False) -> list[Path]:
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     return found
+
+
+def caption_paths(
+    paths: Sequence[Any], image_size: int, batch_size: int, caption_fn: Callable[[np.ndarray], list[str]]
+) -> Iterator[tuple[Any, str | None, str | None]]:
+    """Caption image files in batches: yields ``(path, caption, None)`` or ``(path, None, reason)``.
+
+    An unreadable file is reported and skipped; the rest of its batch goes on. A short batch
+    is padded to ``batch_size`` (with copies of its last image) so a compiled decoder is not
+    traced again for the odd size.
+    """
+    from tqdm import tqdm
+
+    with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            good, pixels = [], []
+            for path in chunk:
+                try:
+                    pixels.append(read_image(Path(path), image_size))
+                    good.append(path)
+                except Exception as err:  # any decoder failure is a per-file skip, reported to the caller
+                    reason = f"{type(err).__name__}: {err}"
+                    tqdm.write(f"skipping unreadable image {path}: {reason}", file=sys.stderr)
+                    yield path, None, reason
+            if pixels:
+                images = np.stack(pixels)
+                if len(images) < batch_size and len(paths) > batch_size:
+                    filler = np.repeat(images[-1:], batch_size - len(images), axis=0)
+                    images = np.concatenate([images, filler])
+                for path, caption in zip(good, caption_fn(images)):
+                    yield path, caption, None
+            bar.update(len(chunk))
 
 
 def read_image(path: Path, image_size: int) -> np.ndarray:
@@ -118,8 +151,6 @@ def _load_tokenizer(args: argparse.Namespace, num_special_tokens: int) -> Any:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..captioner import Captioner
     from ..config import CaptionerConfig
     from .api import caption_strings
@@ -170,27 +201,12 @@ def main(args: argparse.Namespace) -> int:
     stream = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
     try:
         writer = _Writer(stream, out_format)
-        with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr) as bar:
-            for start in range(0, len(paths), args.batch_size):
-                batch_paths = paths[start : start + args.batch_size]
-                good_paths, pixels = [], []
-                for path in batch_paths:
-                    try:
-                        pixels.append(read_image(path, size))
-                        good_paths.append(path)
-                    except Exception as err:  # any decoder failure is a per-file skip, reported below
-                        bad.append((path, f"{type(err).__name__}: {err}"))
-                        tqdm.write(f"skipping unreadable image {path}: {type(err).__name__}: {err}", file=sys.stderr)
-                if pixels:
-                    images = np.stack(pixels)
-                    # Pad a short batch to the full size so the compiled decoder is not retraced.
-                    if len(images) < args.batch_size and len(paths) > args.batch_size:
-                        filler = np.repeat(images[-1:], args.batch_size - len(images), axis=0)
-                        images = np.concatenate([images, filler])
-                    for path, caption in zip(good_paths, captions_for(images)):
-                        writer.write(path, caption)
-                    done += len(good_paths)
-                bar.update(len(batch_paths))
+        for path, caption, error in caption_paths(paths, size, args.batch_size, captions_for):
+            if error is not None:
+                bad.append((path, error))
+                continue
+            writer.write(path, caption)
+            done += 1
     finally:
         if stream is not sys.stdout:
             stream.close()
