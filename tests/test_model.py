@@ -109,7 +109,7 @@ def test_long_image_sequence_warns_and_never_prompts() -> None:
 
 
 def test_freezing_follows_the_config() -> None:
-    cfg = tiny_config()
+    cfg = tiny_config(cross_attention="gated")
     frozen = Captioner(cfg)
     trainable = {w.path for w in frozen.trainable_weights}
     assert not any("efficientnet" in p or p.startswith("encoder/stem") for p in trainable if "backbone" in p)
