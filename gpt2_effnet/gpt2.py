@@ -113,13 +113,6 @@ class GPT2Decoder(keras.Model):
         return names
 
     # -- forward -------------------------------------------------------------------------
-    def embedding_table(self) -> Any:
-        """``[vocab + specials, width]``: the LM head is tied to this whole table."""
-        table = self.wte.embeddings
-        if self.wte_special is not None:
-            table = ops.concatenate([table, ops.cast(self.wte_special.embeddings, table.dtype)], axis=0)
-        return table
-
     def _embed(self, token_ids: Any, position_ids: Any, training: bool | None) -> Any:
         # Look the two tables up separately rather than concatenating them: the pretrained
         # table is large (50257 rows), and a concatenation would copy it at every step.

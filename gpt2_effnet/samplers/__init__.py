@@ -9,8 +9,7 @@ Names are imported lazily, so ``gpt2-effnet caption --help`` does not pay for Ke
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gpt2_effnet._lazy import lazy_exports
 
 _EXPORTS = {
     "DecodeModel": "gpt2_effnet.samplers.base",
@@ -26,11 +25,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'gpt2_effnet.samplers' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,7 @@ TensorFlow-only (tf.data, tf.distribute, tf.train.Checkpoint); names load lazily
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gpt2_effnet._lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "gpt2_effnet.training.loop",
@@ -30,7 +29,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'gpt2_effnet.training' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -77,6 +77,22 @@ class _EpochSkips:
         return 0 if self.current is None else int(self.current.skipped)
 
 
+def _pipeline_kwargs(config: CaptionerConfig, request: DataRequest, training: bool, skips: _EpochSkips) -> dict[str, Any]:
+    """What every pipeline is told for one epoch on one worker (one finite pass, fresh skip count)."""
+    return dict(
+        image_size=config.model.image_size,
+        max_length=config.model.max_caption_length,
+        batch_size=request.batch_size,
+        shuffle=request.shuffle and config.train.shuffle_buffer > 0,
+        seed=request.seed,
+        num_shards=request.num_shards,
+        shard_index=request.shard_index,
+        repeat=False,
+        drop_remainder=training,
+        skips=skips.fresh(),
+    )
+
+
 def caption_source(
     config: CaptionerConfig,
     tokenizer: Any,
@@ -95,23 +111,9 @@ def caption_source(
     print(captions.summary(), flush=True)
     tokenizer = _TokenizeOnce(tokenizer)
     skips = _EpochSkips()
-    shuffle_buffer = config.train.shuffle_buffer
 
     def make(request: DataRequest) -> Any:
-        return caption_dataset(
-            captions,
-            tokenizer,
-            image_size=config.model.image_size,
-            max_length=config.model.max_caption_length,
-            batch_size=request.batch_size,
-            shuffle=request.shuffle and shuffle_buffer > 0,
-            seed=request.seed,
-            num_shards=request.num_shards,
-            shard_index=request.shard_index,
-            repeat=False,
-            drop_remainder=training,
-            skips=skips.fresh(),
-        )
+        return caption_dataset(captions, tokenizer, **_pipeline_kwargs(config, request, training, skips))
 
     description = {
         "kind": "coco" if coco is not None else "csv",
@@ -145,22 +147,10 @@ def shard_source(
             )
     total = plan_shards(shards).num_samples
     skips = _EpochSkips()
-    shuffle_buffer = config.train.shuffle_buffer
 
     def make(request: DataRequest) -> Any:
-        kwargs = dict(
-            image_size=config.model.image_size,
-            max_length=config.model.max_caption_length,
-            batch_size=request.batch_size,
-            shuffle=request.shuffle and shuffle_buffer > 0,
-            seed=request.seed,
-            num_shards=request.num_shards,
-            shard_index=request.shard_index,
-            repeat=False,
-            drop_remainder=training,
-            shuffle_buffer=max(shuffle_buffer, 1),
-            skips=skips.fresh(),
-        )
+        kwargs = _pipeline_kwargs(config, request, training, skips)
+        kwargs["shuffle_buffer"] = max(config.train.shuffle_buffer, 1)
         if loader == "dali":
             from ..data.dali import dali_dataset
 
