@@ -27,7 +27,9 @@ BENCHES: dict[str, tuple[list[str], str]] = {
     "tokenizer": (["bench/bench_tokenizer.py"], "GPT-2 BPE tokenizer: captions/s with and without the cache, vs HF tokenizers"),
     "data": (["bench/bench_data.py", "--n", "2000", "--size", "224"],
              "Input pipelines: CSV pipeline vs a bare decode+resize loop; DALI (CPU) vs the tf.data shard reader"),
-    "train": (["bench/bench_train.py"], "Train step time, small config, with and without XLA"),
+    "train": (["bench/bench_train.py", "--variants", "default,float32", "--jit", "both", "--rounds", "1"],
+              "Train step, first step and peak RSS at the seed's configuration: default (auto) precision vs float32, "
+              "with and without XLA"),
     "generate": (["bench/bench_generate.py"],
                  "Decoding: cached vs full recompute vs transformers generate(), greedy / beam 3 / nucleus"),
 }

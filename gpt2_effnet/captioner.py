@@ -40,6 +40,8 @@ class Captioner(keras.Model):
             epsilon=cfg.gpt2.layer_norm_epsilon,
             dropout=cfg.model.dropout,
             bn_momentum=cfg.model.backbone_bn_momentum,
+            feature_stride=cfg.model.feature_stride,
+            drop_path=cfg.model.backbone_drop_path,
             name="encoder",
             dtype=policy,
         )
@@ -48,6 +50,7 @@ class Captioner(keras.Model):
             num_special_tokens=cfg.model.num_special_tokens,
             cross_attention=cfg.model.cross_attention,
             dropout=cfg.model.dropout,
+            output_vocabulary=cfg.model.output_vocabulary if isinstance(cfg.model.output_vocabulary, list) else None,
             name="decoder",
             dtype=policy,
         )
@@ -91,8 +94,12 @@ class Captioner(keras.Model):
         return self.decoder.project_image(self.encoder(images, training=training))
 
     def call(self, inputs: dict[str, Any], training: bool | None = None) -> Any:
+        return self.decoder.head(self.hidden_states(inputs, training=training))
+
+    def hidden_states(self, inputs: dict[str, Any], training: bool | None = None) -> Any:
+        """The decoder's last hidden states ``[B, T, W]``; ``decoder.head`` turns them into logits."""
         image_kv = self.encode_images(inputs["images"], training=training)
-        return self.decoder(inputs["token_ids"], image_kv=image_kv, training=training)
+        return self.decoder.hidden_states(inputs["token_ids"], image_kv=image_kv, training=training)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, images: Any, **kwargs: Any) -> Any:

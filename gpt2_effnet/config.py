@@ -147,6 +147,19 @@ class ModelConfig:
     # from scratch for a few hundred steps needs a lower value (e.g. 0.9), or its moving
     # statistics still describe the untrained network when it is evaluated.
     backbone_bn_momentum: float | None = None
+    # Which feature map becomes the image tokens: the backbone's widest map at this stride
+    # (32: the usual top map; 16 or 8: an earlier stage's, a finer grid from fewer layers,
+    # for small images). A 64-px image gives a 2x2 grid at 32 and 4x4 at 16.
+    feature_stride: int = 32
+    # Drop-path ("stochastic depth") rate of the backbone's residual blocks; None keeps the
+    # Keras application's (0.2). It regularises long ImageNet runs and slows short ones.
+    backbone_drop_path: float | None = None
+    # The token ids the LM head may produce: null (all of GPT-2's), "captions" (resolved
+    # when training starts to the ids in the training captions, plus EOS; config.yaml then
+    # holds the list) or a list of ids. Special tokens are always kept. A domain's
+    # captions use a few thousand of GPT-2's 50257 tokens; the head, its softmax and every
+    # decode step then cost that much, and no sampler can emit a token outside the list.
+    output_vocabulary: str | list | None = None
 
     def __post_init__(self) -> None:
         if self.cross_attention not in CROSS_ATTENTION_KINDS:
@@ -163,6 +176,18 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout!r}")
         if self.backbone_bn_momentum is not None and not 0.0 <= self.backbone_bn_momentum < 1.0:
             raise ConfigError(f"model.backbone_bn_momentum must be in [0, 1), got {self.backbone_bn_momentum!r}")
+        vocab = self.output_vocabulary
+        if isinstance(vocab, str) and vocab != "captions":
+            raise ConfigError(f"model.output_vocabulary must be null, 'captions' or a list of token ids, got {vocab!r}")
+        if isinstance(vocab, list):
+            if not vocab or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab):
+                raise ConfigError("model.output_vocabulary: expected a non-empty list of token ids (integers >= 0)")
+            if len(set(vocab)) != len(vocab):
+                raise ConfigError("model.output_vocabulary: the list repeats token ids")
+        if self.feature_stride not in (8, 16, 32):
+            raise ConfigError(f"model.feature_stride must be 8, 16 or 32, got {self.feature_stride!r}")
+        if self.backbone_drop_path is not None and not 0.0 <= self.backbone_drop_path < 1.0:
+            raise ConfigError(f"model.backbone_drop_path must be in [0, 1) or null, got {self.backbone_drop_path!r}")
 
 
 @dataclass(frozen=True)
@@ -225,7 +250,9 @@ class TrainConfig:
     batch_size: int = 32
     steps: int | None = None
     epochs: int | None = None
-    precision: str = "float32"  # float32 | mixed_bfloat16 | mixed_float16
+    # auto: mixed_bfloat16 where the CPU/GPU computes bfloat16 natively, else float32
+    # (training/precision.py); float32 | mixed_bfloat16 | mixed_float16 force one.
+    precision: str = "auto"
     jit_compile: bool = False
     grad_accum_steps: int = 1
     checkpoint_every: int = 500
@@ -237,10 +264,10 @@ class TrainConfig:
     shuffle_buffer: int = 2048  # 0 = no shuffling (data order as listed)
 
     def __post_init__(self) -> None:
-        if self.precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
+        if self.precision not in ("auto", "float32", "mixed_bfloat16", "mixed_float16"):
             raise ConfigError(
                 f"train.precision: {self.precision!r} is not one of "
-                "('float32', 'mixed_bfloat16', 'mixed_float16')"
+                "('auto', 'float32', 'mixed_bfloat16', 'mixed_float16')"
             )
         for name in (
             "batch_size",
@@ -273,6 +300,13 @@ class CaptionerConfig:
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        vocab = self.model.output_vocabulary
+        if isinstance(vocab, list) and max(vocab) >= self.gpt2.vocab_size:
+            raise ConfigError(
+                f"model.output_vocabulary: token id {max(vocab)} is outside GPT-2's vocabulary of {self.gpt2.vocab_size}"
+            )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CaptionerConfig":

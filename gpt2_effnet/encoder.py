@@ -29,14 +29,39 @@ BACKBONES: dict[str, Callable[..., keras.Model]] = {
 LONG_SEQUENCE_WARNING = 1024
 
 
-def build_backbone(name: str, image_size: int, weights: str | None) -> keras.Model:
-    """An EfficientNet/V2 without its head. ``weights``: "imagenet", a file path or None."""
+def build_backbone(
+    name: str, image_size: int, weights: str | None, feature_stride: int = 32, drop_path: float | None = None
+) -> keras.Model:
+    """An EfficientNet/V2 without its head, ending at its last feature map of ``feature_stride``.
+
+    ``weights``: "imagenet", a file path or None. A stride below 32 cuts the network after
+    the last layer at that resolution: the next stage's 1x1-expanded input (its widest
+    activation, as ``top_activation`` is at 32), so later stages are never built or run.
+    ``drop_path`` replaces the residual blocks' stochastic-depth rate.
+    """
     key = name.lower().replace("_", "-")
     if key not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
         weights = None
-    return BACKBONES[key](include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    model = BACKBONES[key](include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    if drop_path is not None:
+        for layer in model.layers:
+            # Keras' EfficientNets implement drop-path as a Dropout with noise_shape
+            # (None, 1, 1, 1) named "<block>_drop" in front of each residual add.
+            if isinstance(layer, keras.layers.Dropout) and layer.name.endswith("_drop"):
+                layer.rate = drop_path
+    if feature_stride == 32:
+        return model
+    side = -(-image_size // feature_stride)  # "same" padding: ceil(size / stride)
+    last = None
+    for layer in model.layers:
+        shape = getattr(layer, "output", None) is not None and layer.output.shape
+        if shape and len(shape) == 4 and shape[1] == side and shape[2] == side:
+            last = layer
+    if last is None or side == -(-image_size // 32):
+        raise ValueError(f"{name} at {image_size}px has no feature map of stride {feature_stride}")
+    return keras.Model(model.input, last.output, name=f"{model.name}_stride{feature_stride}")
 
 
 @keras.saving.register_keras_serializable("gpt2_effnet")
@@ -54,6 +79,8 @@ class ImageEncoder(keras.Model):
         epsilon: float = 1e-5,
         dropout: float = 0.0,
         bn_momentum: float | None = None,
+        feature_stride: int = 32,
+        drop_path: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -66,7 +93,9 @@ class ImageEncoder(keras.Model):
         self.epsilon = epsilon
         self.dropout = dropout
         self.bn_momentum = bn_momentum
-        self.backbone = build_backbone(backbone, image_size, backbone_weights)
+        self.feature_stride = feature_stride
+        self.drop_path = drop_path
+        self.backbone = build_backbone(backbone, image_size, backbone_weights, feature_stride, drop_path)
         if bn_momentum is not None:
             for layer in self.backbone.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -121,4 +150,6 @@ class ImageEncoder(keras.Model):
             "epsilon": self.epsilon,
             "dropout": self.dropout,
             "bn_momentum": self.bn_momentum,
+            "feature_stride": self.feature_stride,
+            "drop_path": self.drop_path,
         }

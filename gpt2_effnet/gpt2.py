@@ -11,11 +11,19 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from collections.abc import Sequence
+
 import keras
+import numpy as np
 from keras import ops
 
 from .config import GPT2Config
 from .layers import TransformerBlock
+
+
+# The logit of an id outside ``output_vocabulary``: finite, so softmax, log-softmax and the
+# samplers' penalties stay NaN-free, and low enough that exp() of it is exactly 0.
+EXCLUDED_LOGIT = -1e9
 
 
 @keras.saving.register_keras_serializable("gpt2_effnet")
@@ -28,6 +36,7 @@ class GPT2Decoder(keras.Model):
         num_special_tokens: int = 0,
         cross_attention: str | None = None,
         dropout: float = 0.0,
+        output_vocabulary: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -38,6 +47,7 @@ class GPT2Decoder(keras.Model):
         self.cross_attention = cross_attention
         self.dropout = dropout
         cfg = gpt2_config
+        self.output_vocabulary = _output_vocabulary(output_vocabulary, cfg.vocab_size)
         policy = self.dtype_policy
         self.wte = keras.layers.Embedding(cfg.vocab_size, cfg.n_embd, name="wte", dtype=policy)
         self.wpe = keras.layers.Embedding(cfg.n_positions, cfg.n_embd, name="wpe", dtype=policy)
@@ -126,13 +136,48 @@ class GPT2Decoder(keras.Model):
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
-    def _head(self, hidden: Any) -> Any:
+    def head(self, hidden: Any, compact: bool = False) -> Any:
+        """Final LayerNorm and the tied LM head: hidden ``[B, T, W]`` -> float32 logits ``[B, T, V]``.
+
+        Public so a training step can apply it to the positions that have targets only
+        (the head is the largest matmul of a small captioner with GPT-2's vocabulary).
+        With an ``output_vocabulary`` only its rows of the table are multiplied; the
+        logits are then spread back to all V ids with :data:`EXCLUDED_LOGIT` elsewhere,
+        so every sampler sees the same restriction, or with ``compact=True`` returned
+        as ``[B, T, K + 1]`` (the kept ids in :meth:`compact_targets` order, then one
+        column standing for every excluded id) for a loss that needs no more.
+        """
         hidden = self.ln_f(hidden)
-        logits = ops.einsum("btw,vw->btv", hidden, ops.cast(self.wte.embeddings, hidden.dtype))
+        table = self.wte.embeddings
+        if self.output_vocabulary is not None:
+            table = ops.take(table, ops.convert_to_tensor(self.output_vocabulary, "int32"), axis=0)
+        logits = ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype))
         if self.wte_special is not None:
             special = ops.einsum("btw,vw->btv", hidden, ops.cast(self.wte_special.embeddings, hidden.dtype))
             logits = ops.concatenate([logits, special], axis=-1)
-        return ops.cast(logits, "float32")
+        logits = ops.cast(logits, "float32")
+        if self.output_vocabulary is None:
+            return logits
+        excluded = ops.full_like(logits[..., :1], EXCLUDED_LOGIT)
+        logits = ops.concatenate([logits, excluded], axis=-1)
+        if compact:
+            return logits
+        return ops.take(logits, ops.convert_to_tensor(self._compact_index(), "int32"), axis=-1)
+
+    def compact_targets(self, token_ids: Any) -> Any:
+        """Token ids -> column of ``head(..., compact=True)`` (excluded ids -> the last column)."""
+        if self.output_vocabulary is None:
+            return token_ids
+        return ops.take(ops.convert_to_tensor(self._compact_index(), "int32"), ops.cast(token_ids, "int32"), axis=0)
+
+    def _compact_index(self) -> np.ndarray:
+        """For each of the V ids, its column among the kept ids and specials, or K + S if excluded."""
+        kept = len(self.output_vocabulary)
+        index = np.full(self.total_vocab_size, kept + self.num_special_tokens, np.int32)
+        index[list(self.output_vocabulary)] = np.arange(kept, dtype=np.int32)
+        vocab = self.gpt2_config.vocab_size
+        index[vocab:] = kept + np.arange(self.num_special_tokens, dtype=np.int32)
+        return index
 
     def call(
         self,
@@ -143,6 +188,17 @@ class GPT2Decoder(keras.Model):
         training: bool | None = None,
     ) -> Any:
         """Full (uncached) forward. ``image_kv`` comes from :meth:`project_image`."""
+        return self.head(self.hidden_states(token_ids, image_kv, padding_mask, position_ids, training))
+
+    def hidden_states(
+        self,
+        token_ids: Any,
+        image_kv: Any | None = None,
+        padding_mask: Any | None = None,
+        position_ids: Any | None = None,
+        training: bool | None = None,
+    ) -> Any:
+        """The last block's output ``[B, T, W]``, before :meth:`head`."""
         token_ids = ops.convert_to_tensor(token_ids)
         if position_ids is None:
             position_ids = ops.expand_dims(ops.arange(ops.shape(token_ids)[1], dtype="int32"), 0)
@@ -150,7 +206,7 @@ class GPT2Decoder(keras.Model):
         for i, block in enumerate(self.blocks):
             kv = None if image_kv is None else image_kv[:, i]
             x, _ = block(x, image_kv=kv, padding_mask=padding_mask, training=training)
-        return self._head(x)
+        return x
 
     # -- incremental decoding ----------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Any:
@@ -187,7 +243,7 @@ class GPT2Decoder(keras.Model):
                 x, cache=cache[:, i], cache_index=cache_index, image_kv=kv, padding_mask=padding_mask
             )
             layer_caches.append(layer_cache)
-        return self._head(x), ops.stack(layer_caches, axis=1)
+        return self.head(x), ops.stack(layer_caches, axis=1)
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, S, n_head, head_dim]``."""
@@ -202,4 +258,14 @@ class GPT2Decoder(keras.Model):
             "num_special_tokens": self.num_special_tokens,
             "cross_attention": self.cross_attention,
             "dropout": self.dropout,
+            "output_vocabulary": None if self.output_vocabulary is None else list(self.output_vocabulary),
         }
+
+
+def _output_vocabulary(ids: Sequence[int] | None, vocab_size: int) -> tuple[int, ...] | None:
+    if ids is None:
+        return None
+    kept = tuple(sorted({int(i) for i in ids}))
+    if not kept or kept[0] < 0 or kept[-1] >= vocab_size:
+        raise ValueError(f"output_vocabulary must hold ids in [0, {vocab_size}), got {len(kept)} ids from {kept[:1]} to {kept[-1:]}")
+    return kept

@@ -105,3 +105,30 @@ def test_replace_validates() -> None:
     assert cfg.replace(model={"image_size": 64}).model.image_size == 64
     with pytest.raises(ConfigError, match="model.cross_attention"):
         cfg.replace(model={"cross_attention": "sometimes"})
+
+
+def test_new_model_keys_are_checked_and_round_trip(tmp_path) -> None:
+    config = CaptionerConfig.from_dict({"model": {"feature_stride": 8, "backbone_drop_path": 0.0,
+                                                  "output_vocabulary": [3, 1, 2]}, "train": {"precision": "auto"}})
+    path = tmp_path / "c.yaml"
+    config.save(path)
+    again = CaptionerConfig.load(path)
+    assert again == config and again.model.output_vocabulary == [3, 1, 2]
+    for model, words in (({"feature_stride": 4}, "feature_stride must be 8, 16 or 32"),
+                         ({"backbone_drop_path": 1.0}, "backbone_drop_path must be in [0, 1)"),
+                         ({"output_vocabulary": "all"}, "output_vocabulary must be null, 'captions'")):
+        with pytest.raises(ConfigError, match="model\\.") as err:
+            CaptionerConfig.from_dict({"model": model})
+        assert words in str(err.value)
+    with pytest.raises(ConfigError, match="train.precision"):
+        CaptionerConfig.from_dict({"train": {"precision": "bfloat16"}})
+
+
+def test_auto_precision_follows_the_cpus_bfloat16_support() -> None:
+    from gpt2_effnet.training.precision import cpu_has_bfloat16
+
+    zen4 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx512f avx512_bf16 avx512_vnni\n"
+    spr = "flags\t\t: fpu avx512f amx_bf16 amx_tile\n"
+    skylake = "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert cpu_has_bfloat16(zen4) and cpu_has_bfloat16(spr)
+    assert not cpu_has_bfloat16(skylake) and not cpu_has_bfloat16("")

@@ -186,3 +186,27 @@ def test_backbone_bn_momentum_is_applied() -> None:
     default = Captioner(tiny_config())
     assert all(l.momentum == 0.99 for l in default.encoder.backbone.layers
                if isinstance(l, keras.layers.BatchNormalization))
+
+
+@pytest.mark.parametrize("backbone, stride, grid, last", [
+    ("efficientnetb0", 16, 4, "block6a_expand_activation"),
+    ("efficientnetb0", 8, 8, "block4a_expand_activation"),
+    ("efficientnetv2-b0", 8, 8, "block4a_expand_activation"),
+    ("efficientnetb0", 32, 2, "top_activation"),
+])
+def test_feature_stride_picks_the_last_map_at_that_stride(backbone, stride, grid, last) -> None:
+    import keras
+
+    encoder = ImageEncoder(backbone, image_size=64, width=30, num_layers=0, num_heads=3, feature_stride=stride,
+                           drop_path=0.0)
+    assert encoder.grid == (grid, grid) and encoder.sequence_length == grid * grid
+    # The widest activation at that resolution (the next stage's expanded input; at 32
+    # the 1x1-expanded top map), and nothing after it is built.
+    assert encoder.backbone.layers[-1].name == last
+    if stride < 32:
+        full = ImageEncoder(backbone, image_size=64, width=30, num_layers=0, num_heads=3).backbone
+        assert len(encoder.backbone.layers) < len(full.layers)
+    drops = [l for l in encoder.backbone.layers if isinstance(l, keras.layers.Dropout) and l.name.endswith("_drop")]
+    assert drops and all(l.rate == 0.0 for l in drops)
+    out = encoder(np.zeros((2, 64, 64, 3), "float32"))
+    assert tuple(out.shape) == (2, grid * grid, 30)

@@ -18,7 +18,9 @@ TINY = {
     "model": {"image_size": 32, "encoder_layers": 1, "encoder_heads": 2, "max_caption_length": 20},
     "trainable": {"gpt2_embeddings": True},
     "optim": {"learning_rate": 0.01},
-    "train": {"batch_size": 8, "log_every": 4, "checkpoint_every": 1000, "seed": 1},
+    # float32: a model loaded from the run folder computes in float32 and is compared with
+    # the trainer's own to 1e-5 (under bfloat16 compute they differ by its rounding).
+    "train": {"batch_size": 8, "log_every": 4, "checkpoint_every": 1000, "seed": 1, "precision": "float32"},
 }
 
 
@@ -276,3 +278,40 @@ def test_train_command_names_missing_csv_columns(tmp_path: Path, capsys: pytest.
     err = capsys.readouterr().err
     assert "'image'" in err and "['file', 'text']" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("vocabulary", [None, "kept"])
+def test_head_on_target_positions_only_gives_the_full_heads_loss_and_gradients(rng, vocabulary) -> None:
+    """The train step applies the LM head to real tokens only (and, with an output
+    vocabulary, to its ids only): loss and every gradient must equal the plain full head's."""
+    import tensorflow as tf
+
+    from gpt2_effnet.captioner import Captioner
+    from gpt2_effnet.training.loop import logits_at_targets
+    from gpt2_effnet.training.loss import masked_cross_entropy_sum, next_token_split
+
+    token_ids = rng.integers(0, 300, (3, 9)).astype(np.int32)
+    mask = (np.arange(9)[None, :] < np.array([[9], [4], [6]])).astype(np.int32)
+    kept = sorted(set(token_ids[mask.astype(bool)].tolist()) | {5, 299})
+    config = CaptionerConfig.from_dict({**TINY, "gpt2": {**TINY["gpt2"], "vocab_size": 300},
+                                        "model": {**TINY["model"], "backbone_drop_path": 0.0,  # no random drop-path: two passes must agree
+                                                  "output_vocabulary": kept if vocabulary else None}})
+    model = Captioner(config)
+    images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)
+    inputs, targets, weights = next_token_split(token_ids, mask)
+    variables = [v.value for v in model.trainable_variables]
+
+    def loss_and_grads(gathered: bool):
+        with tf.GradientTape() as tape:
+            if gathered:
+                logits, t, w = logits_at_targets(model, images, inputs, targets, weights)
+            else:
+                logits, t, w = model({"images": images, "token_ids": inputs}, training=True), targets, weights
+            loss, _ = masked_cross_entropy_sum(logits, t, w)
+        return float(loss), tape.gradient(loss, variables)
+
+    full_loss, full_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert loss == pytest.approx(full_loss, rel=1e-5)
+    for a, b in zip(grads, full_grads):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(), tf.convert_to_tensor(b).numpy(), atol=1e-6, rtol=1e-4)

@@ -239,6 +239,64 @@ def caption(template: int, count: int, size_word: str, colour: str, shape: str, 
     raise ValueError(f"template must be in 0..{NUM_TEMPLATES - 1}, got {template}")
 
 
+# ---------------------------------------------------------------------- reading captions back
+
+ATTRIBUTES: tuple[str, ...] = ("colour", "shape", "count", "size", "position")
+# Every word a caption can use for an attribute value, mapped to the value.
+_WORDS: dict[str, dict[str, str | int]] = {
+    "colour": {c: c for c in COLOURS},
+    "shape": {**{s: s for s in SHAPES}, **{p: s for s, p in PLURALS.items()}},
+    "size": {w: size for size, words in SIZE_WORDS.items() for w in words},
+    "position": {"left": "left", "right": "right", "top": "top", "bottom": "bottom", "centre": "centre", "middle": "centre"},
+}
+_COUNT_WORDS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3}
+
+
+def read_attributes(text: str) -> dict[str, str | int | None]:
+    """The attribute values a (generated) caption states, read by keyword.
+
+    Why keywords and not a grammar: a model's caption may be ungrammatical and still right
+    (or fluent and wrong), and the demo must score what it *says*, per attribute. A value
+    the caption does not state, or states twice with different values, reads as None.
+    Count comes from the number word, else from a plural noun ("crosses" alone is >= 2: None).
+    """
+    words = [w for w in "".join(ch if ch.isalpha() else " " for ch in text.lower()).split()]
+    found: dict[str, str | int | None] = {}
+    for attribute, table in _WORDS.items():
+        values = {table[w] for w in words if w in table}
+        found[attribute] = values.pop() if len(values) == 1 else None
+    counts = {_COUNT_WORDS[w] for w in words if w in ("one", "two", "three")}
+    if not counts:
+        # "a"/"an" only count as one when they introduce the object, not in "a picture of".
+        nouns = [w for w in words if w in _WORDS["shape"]]
+        plural = any(w in PLURALS.values() for w in nouns)
+        article = any(w in ("a", "an") for w, nxt in zip(words, words[1:]) if nxt != "picture")
+        counts = {1} if (article and nouns and not plural) else set()
+    found["count"] = counts.pop() if len(counts) == 1 else None
+    return found
+
+
+def attribute_accuracy(captions: dict[str, str], truth: dict[str, dict]) -> dict[str, float]:
+    """Per attribute, the fraction of images whose caption states the true value.
+
+    ``captions`` maps image name -> generated caption; ``truth`` maps image name -> its
+    metadata record (``metadata.json``). Missing or ambiguous statements count as wrong.
+    """
+    if not captions:
+        raise ValueError("no captions to score")
+    hits = {a: 0 for a in ATTRIBUTES}
+    for name, text in captions.items():
+        said = read_attributes(text)
+        for attribute in ATTRIBUTES:
+            hits[attribute] += int(said[attribute] == truth[name][attribute])
+    return {a: hits[a] / len(captions) for a in ATTRIBUTES}
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, dict]:
+    """``metadata.json`` as image name -> record."""
+    return {item["image"]: item for item in json.loads(Path(path).read_text())["images"]}
+
+
 # ---------------------------------------------------------------------- generation
 
 

@@ -34,6 +34,7 @@ from . import distribute
 from .checkpoints import CHECKPOINT_DIR, Checkpointer, RunState, prepare_run_dir
 from .loss import masked_correct_sum, masked_cross_entropy_sum, next_token_split
 from .optim import build_optimizer, clip_gradients
+from .precision import resolve_precision
 
 BATCH_KEYS = ("images", "token_ids", "mask")
 
@@ -63,13 +64,16 @@ class DataSource:
     worker stops an epoch at the same step. ``skipped()`` returns how many samples the
     most recently made dataset (this epoch's, on this worker) dropped as missing or
     unreadable; the loop prints it at each epoch's end. ``description`` is stored in the
-    run folder so a resume with other data is caught.
+    run folder so a resume with other data is caught. ``vocabulary()``, where the source
+    can list its captions, gives the token ids they use.
     """
 
     make_dataset: Callable[[DataRequest], tf.data.Dataset]
     num_examples: int | None = None
     skipped: Callable[[], int] | None = None
     description: Mapping[str, Any] = field(default_factory=dict)
+    # The token ids the captions use (for model.output_vocabulary: "captions"), when known.
+    vocabulary: Callable[[], set[int]] | None = None
 
     @classmethod
     def from_tensors(
@@ -187,6 +191,7 @@ class Trainer:
         self.data = data
         self.validation = validation
         self.show_progress = show_progress
+        config = resolve_output_vocabulary(config, data)
         run_info = {"train": dict(data.description)}
         if validation is not None:
             run_info["validation"] = dict(validation.description)
@@ -216,12 +221,14 @@ class Trainer:
         if self.total_steps is None and self.steps_per_epoch is not None:
             self.total_steps = cfg.epochs * self.steps_per_epoch
 
+        # The config may say "auto"; this is what this machine computes in.
+        self.precision = resolve_precision(cfg.precision)
         self.state = RunState()
         latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
             self.model = self._build_model(gpt2 if latest is None else None, pretrained_backbone=latest is None)
-            self.optimizer = build_optimizer(self.config.optim, self.total_steps, cfg.precision)
+            self.optimizer = build_optimizer(self.config.optim, self.total_steps, self.precision)
             self.optimizer.build(self.model.trainable_variables)
         self.checkpointer = Checkpointer(
             self.run_dir,
@@ -243,8 +250,10 @@ class Trainer:
         self.step = int(self.state.step.numpy())
         self.epoch = int(self.state.epoch.numpy())
         self.batch_in_epoch = int(self.state.batch_in_epoch.numpy())
-        self._train_fn = self._make_train_function()
-        self._eval_fn = self._make_eval_function()
+        # The compiled steps: one optimizer update / one evaluation of a distributed batch,
+        # each returning (cross-entropy sum, correct tokens, tokens). Benchmarks call them.
+        self.train_step = self._make_train_function()
+        self.eval_step = self._make_eval_function()
         self._stop: str | None = None
         self._best_val = float(self.state.best_val_loss.numpy())
 
@@ -267,7 +276,7 @@ class Trainer:
         if not pretrained_backbone and build_cfg.model.backbone_weights is not None:
             build_cfg = build_cfg.replace(model={"backbone_weights": None})  # the checkpoint has them
         previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.config.train.precision)
+        keras.config.set_dtype_policy(self.precision)
         try:
             return Captioner.create(build_cfg, gpt2=gpt2)
         finally:
@@ -286,6 +295,8 @@ class Trainer:
         variables = list(model.trainable_variables)
         watched = [v.value for v in variables]  # the tf.Variables behind Keras' variables
         replicas = strategy.num_replicas_in_sync
+        # XLA needs static shapes, so under jit_compile the head runs on every position.
+        gather_targets = not cfg.jit_compile
 
         def micro_gradients(images: Any, token_ids: Any, mask: Any, denominator: Any) -> tuple[list[Any], Any, Any]:
             inputs, targets, weights = next_token_split(token_ids, mask)
@@ -294,7 +305,10 @@ class Trainer:
             # frozen backbone for nothing.
             with tf.GradientTape(watch_accessed_variables=False) as tape:
                 tape.watch(watched)
-                logits = model({"images": images, "token_ids": inputs}, training=True)
+                if gather_targets:
+                    logits, targets, weights = logits_at_targets(model, images, inputs, targets, weights)
+                else:
+                    logits = model({"images": images, "token_ids": inputs}, training=True)
                 loss_sum, _ = masked_cross_entropy_sum(logits, targets, weights)
                 loss = loss_sum / denominator
                 if loss_scaled:
@@ -319,7 +333,9 @@ class Trainer:
                 correct += micro_correct
             return acc, loss_sum, correct
 
-        compute = tf.function(gradients, jit_compile=cfg.jit_compile, reduce_retracing=True)
+        # Keras layers need no AutoGraph (they run on backends that have none), and converting
+        # every layer's Python while tracing costs seconds; only the accumulation loop uses it.
+        compute = tf.function(gradients, jit_compile=cfg.jit_compile, reduce_retracing=True, autograph=accum > 1)
 
         def replica_step(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
             context = tf.distribute.get_replica_context()
@@ -335,7 +351,7 @@ class Trainer:
             optimizer.apply(grads, variables)
             return loss_sum, correct, tokens
 
-        @tf.function
+        @tf.function(autograph=False)
         def train_step(distributed_batch: Any) -> tuple[Any, Any, Any]:
             outputs = strategy.run(replica_step, args=(distributed_batch,))
             return tuple(strategy.experimental_local_results(x)[0] for x in outputs)
@@ -353,7 +369,7 @@ class Trainer:
             correct, _ = masked_correct_sum(logits, targets, weights)
             return loss_sum, correct, tokens
 
-        compute = tf.function(forward, jit_compile=self.config.train.jit_compile, reduce_retracing=True)
+        compute = tf.function(forward, jit_compile=self.config.train.jit_compile, reduce_retracing=True, autograph=False)
 
         def replica_eval(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
             values = compute(batch)
@@ -361,7 +377,7 @@ class Trainer:
                 values = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, list(values))
             return tuple(values)
 
-        @tf.function
+        @tf.function(autograph=False)
         def eval_step(distributed_batch: Any) -> tuple[Any, Any, Any]:
             outputs = strategy.run(replica_eval, args=(distributed_batch,))
             return tuple(strategy.experimental_local_results(x)[0] for x in outputs)
@@ -425,7 +441,7 @@ class Trainer:
         progress = self._bar = self._progress()
         window = _Window()
         self.say(
-            f"training {self.run_dir}: {distribute.describe(self.strategy)}, global batch {cfg.batch_size} "
+            f"training {self.run_dir}: {distribute.describe(self.strategy)}, {self.precision}, global batch {cfg.batch_size} "
             f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
             f"steps per epoch {self.steps_per_epoch or 'unknown'}, total steps {self.total_steps or 'unknown'}"
         )
@@ -444,7 +460,7 @@ class Trainer:
                     if not bool(optional.has_value()):
                         epoch_done = True
                         break
-                    window.add(self._train_fn(optional.get_value()))
+                    window.add(self.train_step(optional.get_value()))
                     self.step += 1
                     self.batch_in_epoch += 1
                     progress.update(1)
@@ -515,7 +531,7 @@ class Trainer:
             optional = iterator.get_next_as_optional()
             if not bool(optional.has_value()):
                 break
-            a, b, c = self._eval_fn(optional.get_value())
+            a, b, c = self.eval_step(optional.get_value())
             loss, correct, tokens = loss + float(a), correct + float(b), tokens + float(c)
         record = {
             "step": self.step,
@@ -602,6 +618,41 @@ class Trainer:
         if self.is_chief:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(dict(record)) + "\n")
+
+
+def resolve_output_vocabulary(config: CaptionerConfig, data: DataSource) -> CaptionerConfig:
+    """``model.output_vocabulary: captions`` -> the sorted ids of the training captions (EOS included).
+
+    Resolved before the run folder is written, so config.yaml (and every model loaded
+    from it) holds the explicit list, and a resume on the same data resolves the same.
+    """
+    if config.model.output_vocabulary != "captions":
+        return config
+    if data.vocabulary is None:
+        raise ValueError(
+            "model.output_vocabulary 'captions' needs captions it can read up front (a CSV or COCO source); "
+            "for shards give the list of token ids"
+        )
+    vocab = config.gpt2.vocab_size
+    ids = sorted(i for i in data.vocabulary() if i < vocab)
+    return config.replace(model={"output_vocabulary": ids})
+
+
+def logits_at_targets(model: Captioner, images: Any, inputs: Any, targets: Any, weights: Any) -> tuple[Any, Any, Any]:
+    """Logits ``[N, V]`` for the N positions that have a target, with their targets and weights.
+
+    The LM head over GPT-2's 50k-token vocabulary is the largest matmul of a small captioner,
+    and padding positions (often half of a batch of captions) need none of it: the hidden
+    states are gathered first, so the head, the softmax and their gradients cover only
+    the real tokens. Same loss and gradients as the full head, less work. With a
+    restricted output vocabulary the logits stay compact and the targets are mapped to
+    their columns (the loss is the same as over all V, where excluded ids add exp(-1e9) = 0).
+    """
+    hidden = model.hidden_states({"images": images, "token_ids": inputs}, training=True)
+    where = tf.where(weights > 0)
+    logits = model.decoder.head(tf.gather_nd(hidden, where)[tf.newaxis], compact=True)[0]
+    targets = model.decoder.compact_targets(tf.gather_nd(targets, where))
+    return logits, targets, tf.gather_nd(weights, where)
 
 
 def _drain(iterator: Any, limit: int = 64) -> None:

@@ -122,7 +122,16 @@ def caption_source(
     }
     if coco is None:
         description.update(image_column=image_column, caption_column=caption_column)
-    return DataSource(make, num_examples=len(captions.existing()), skipped=skips.count, description=description)
+
+    def vocabulary() -> set[int]:
+        """The token ids the captions use as targets (as the pipeline truncates them)."""
+        import numpy as np
+
+        ids, mask = tokenizer.batch_encode([text for _, text in captions.existing()], config.model.max_caption_length)
+        return {int(i) for i in np.unique(ids[mask.astype(bool)])}
+
+    return DataSource(make, num_examples=len(captions.existing()), skipped=skips.count, description=description,
+                      vocabulary=vocabulary)
 
 
 def shard_source(
