@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
+
+# The quick half, for the edit loop: everything not marked slow (end-to-end training runs,
+# multi-process and subprocess tests). CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow"
 
 demo: $(DEMO_STAMP)
 	$(PY) -m gpt2_effnet.cli demo --out demo_run

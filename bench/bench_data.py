@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt2_effnet.data.captions import read_csv
     from gpt2_effnet.data.images import decode_and_resize
-    from gpt2_effnet.data.pipeline import caption_dataset, text_tokenizer_fn
+    from gpt2_effnet.data.pipeline import PipelineSpec, caption_dataset, text_tokenizer_fn
     from gpt2_effnet.data.shards import write_shards
     from gpt2_effnet.data.synthetic import write_synthetic
     from gpt2_effnet.data.wds import wds_dataset
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             .map(lambda p: decode_and_resize(tf.io.read_file(p), size), num_parallel_calls=tf.data.AUTOTUNE,
                  deterministic=False)
             .batch(batch).map(lambda images: {"images": images}).prefetch(tf.data.AUTOTUNE))
-    pipeline = caption_dataset(captions, tok, size, 32, batch, shuffle=True, seed=0, repeat=True)
+    pipeline = caption_dataset(captions, tok, PipelineSpec(size, 32, batch, shuffle=True, seed=0, repeat=True))
     load = tf.function(lambda p: decode_and_resize(tf.io.read_file(p), size))
     sequential = _best_rate(lambda: (load(p) for p in paths[: max(200, len(paths) // 5)]), lambda _: 1, repeats)
     bare_m, pipe_m = Meter("bare", bare, per_batch), Meter("csv", pipeline, per_batch)
@@ -135,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         write_shards(captions, shard_dir, samples_per_shard=max(1, args.n // 4), prefix="bench", progress=False)
     tars = sorted(str(p) for p in shard_dir.glob("bench-*.tar"))
     print(f"\n[2] shard readers over {len(tars)} shards, {args.n} samples (images/s, shuffled, batches of {batch})")
-    meters = [Meter("tf.data", wds_dataset(tars, tok, size, 32, batch, shuffle=True, seed=0, repeat=True), per_batch)]
+    meters = [Meter("tf.data", wds_dataset(tars, tok, PipelineSpec(size, 32, batch, shuffle=True, seed=0, repeat=True)), per_batch)]
     dali_rate = None
     if not args.skip_dali:
         from gpt2_effnet.data.dali import dali_available, dali_dataset
 
         if dali_available():
-            dali_ds = dali_dataset(tars, tok, size, 32, batch, shuffle=True, seed=0, repeat=True, device="cpu")
+            dali_ds = dali_dataset(tars, tok, PipelineSpec(size, 32, batch, shuffle=True, seed=0, repeat=True), device="cpu")
             meters.append(Meter("dali", dali_ds, per_batch))
         else:
             print("  DALI or its TensorFlow plugin is not installed: skipped")

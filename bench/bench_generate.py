@@ -6,7 +6,7 @@ tokens (EOS disabled, so every run decodes the same amount). For greedy, beam se
 and nucleus sampling (top-p 0.9) at batch 1 and 32 it prints tokens/s (new tokens of the
 returned sequence per input, beams not counted) for
 
-* ``cached``   - ``gpt2_effnet.samplers.generate`` (one compiled loop, static KV cache);
+* ``cached``   - ``gpt2_effnet.decoding.generate`` (one compiled loop, static KV cache);
 * ``no-cache`` - the same compiled loop with ``use_cache=False``: every step recomputes
                  the whole prefix (what a decoder without a cache does);
 * ``hf``       - ``transformers`` ``GPT2LMHeadModel.generate()`` (PyTorch, its own KV cache)
@@ -92,7 +92,7 @@ def build_models(name: str, seed: int = 0) -> tuple[Any, Any]:
 def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     import torch
 
-    from gpt2_effnet.samplers import generate
+    from gpt2_effnet.decoding import generate
 
     for name in args.configs:
         ours, hf = build_models(name)
@@ -130,7 +130,7 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 def bench_captioner(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     from gpt2_effnet.captioner import Captioner
     from gpt2_effnet.config import CaptionerConfig
-    from gpt2_effnet.samplers import generate_captions
+    from gpt2_effnet.decoding import generate_captions
 
     config = CaptionerConfig.from_dict({
         "gpt2": {"vocab_size": 50257, "n_positions": 64, **CONFIGS["small"]},

@@ -54,7 +54,7 @@ def worker(spec: dict) -> dict:
     import numpy as np
 
     from gpt2_effnet.config import CaptionerConfig
-    from gpt2_effnet.training import loop
+    from gpt2_effnet.training import DataRequest, DataSource, Trainer
 
     vocab = 50257
     train = {"batch_size": spec["batch"], "steps": 10**9, "checkpoint_every": 10**9, "log_every": 10**9}
@@ -81,14 +81,9 @@ def worker(spec: dict) -> dict:
         "token_ids": rng.integers(0, spec.get("vocabulary") or vocab, (n, length)).astype(np.int32),
         "mask": (np.arange(length)[None, :] < lengths[:, None]).astype(np.int32),
     }
-    source_module = getattr(loop, "DataSource", None)
-    if source_module is None:  # newer checkouts keep the data contract beside the loop
-        from gpt2_effnet.training.data import DataRequest, DataSource
-    else:
-        DataRequest, DataSource = loop.DataRequest, loop.DataSource
     source = DataSource.from_tensors(data)
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = loop.Trainer(config, run_dir, source, show_progress=False, log=lambda _: None)
+        trainer = Trainer(config, run_dir, source, show_progress=False, log=lambda _: None)
         step_fn = getattr(trainer, "train_step", None) or trainer._train_fn
         request = DataRequest(epoch=0, batch_size=n, num_shards=1, shard_index=0, seed=0, shuffle=False)
         step_input = next(iter(source.make_dataset(request)))
@@ -184,7 +179,7 @@ def main() -> None:
                   f"first {result['first_step_s']:5.1f} s  RSS {result['rss_gib']:.2f} GiB  ({result['precision']})",
                   flush=True)
     reference = next((v for k, v in best.items() if k.startswith("against")), None)
-    print(f"\n| variant | precision | ms / step | images/s | first step s | peak RSS GiB |"
+    print("\n| variant | precision | ms / step | images/s | first step s | peak RSS GiB |"
           + (" speed vs against |" if reference else ""))
     print("|---|---|---:|---:|---:|---:|" + ("---:|" if reference else ""))
     for name, r in best.items():

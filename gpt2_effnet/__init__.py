@@ -19,7 +19,7 @@ _EXPORTS = {
     "ImageEncoder": "gpt2_effnet.encoder",
     "Captioner": "gpt2_effnet.captioner",
     "load_gpt2": "gpt2_effnet.weights",
-    "generate": "gpt2_effnet.samplers",
+    "generate": "gpt2_effnet.decoding",
 }
 
 __all__ = sorted(_EXPORTS)

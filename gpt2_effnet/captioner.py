@@ -104,7 +104,7 @@ class Captioner(keras.Model):
     # -- generation ------------------------------------------------------------------------
     def generate(self, images: Any, **kwargs: Any) -> Any:
         """Caption token ids ``[B, new]`` (BOS not included); keywords as HF ``generate()``."""
-        from .samplers import generate_captions
+        from .decoding import generate_captions
 
         return generate_captions(self, images, **kwargs)
 

@@ -1,4 +1,4 @@
-"""The ``gpt2-effnet`` command: one subcommand per job, each living in its own module.
+"""The ``gpt2-effnet`` command: one subcommand per job, each in its own module of :mod:`.commands`.
 
 Only the chosen subcommand's module is imported, so ``gpt2-effnet download`` starts
 in a fraction of a second instead of paying for TensorFlow's import.
@@ -12,14 +12,14 @@ import sys
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("gpt2_effnet.weights.convert", "convert GPT-2 weights (HF safetensors/h5, OpenAI ckpt) to ours"),
-    "download": ("gpt2_effnet.download", "download GPT-2 weights from Hugging Face or OpenAI"),
-    "shards": ("gpt2_effnet.data.shards", "write webdataset shards (img2dataset layout) from a CSV/COCO set"),
-    "synthetic": ("gpt2_effnet.data.synthetic", "write the synthetic captioned-shapes data set"),
-    "train": ("gpt2_effnet.training.cli", "train a captioner"),
-    "caption": ("gpt2_effnet.samplers.cli", "caption images with a trained captioner"),
-    "evaluate": ("gpt2_effnet.evaluation", "score captions with BLEU, ROUGE-L and CIDEr-D"),
-    "demo": ("gpt2_effnet.demo", "train and evaluate a small captioner on the synthetic set"),
+    "convert": ("gpt2_effnet.commands.convert", "convert GPT-2 weights (HF safetensors/h5, OpenAI ckpt) to ours"),
+    "download": ("gpt2_effnet.commands.download", "download GPT-2 weights from Hugging Face or OpenAI"),
+    "shards": ("gpt2_effnet.commands.shards", "write webdataset shards (img2dataset layout) from a CSV/COCO set"),
+    "synthetic": ("gpt2_effnet.commands.synthetic", "write the synthetic captioned-shapes data set"),
+    "train": ("gpt2_effnet.commands.train", "train a captioner"),
+    "caption": ("gpt2_effnet.commands.caption", "caption images with a trained captioner"),
+    "evaluate": ("gpt2_effnet.commands.evaluate", "score captions with BLEU, ROUGE-L and CIDEr-D"),
+    "demo": ("gpt2_effnet.commands.demo", "train and evaluate a small captioner on the synthetic set"),
 }
 
 

@@ -139,7 +139,10 @@ class ModelConfig:
     image_size: int = 224
     encoder_layers: int = 2
     encoder_heads: int = 8
-    cross_attention: str = "ungated"  # the demo learned faster ungated (BENCHMARKS.md, "Demo")
+    # Gated (tanh(0) = 0 at init): a captioner built on a pretrained GPT-2 starts as exactly that
+    # GPT-2 and opens the gates as it learns. configs/demo.yaml trains from scratch and uses
+    # "ungated", which learned faster there (BENCHMARKS.md, "Demo").
+    cross_attention: str = "gated"
     num_special_tokens: int = 1  # extra trainable embeddings after the vocabulary (BOS first)
     max_caption_length: int = 40
     dropout: float = 0.0

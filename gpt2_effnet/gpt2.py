@@ -9,9 +9,8 @@ the pretrained table stays untouched (and can stay frozen).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
-
-from collections.abc import Sequence
 
 import keras
 import numpy as np
@@ -24,6 +23,41 @@ from .layers import TransformerBlock
 # The logit of an id outside ``output_vocabulary``: finite, so softmax, log-softmax and the
 # samplers' penalties stay NaN-free, and low enough that exp() of it is exactly 0.
 EXCLUDED_LOGIT = -1e9
+
+
+# GPT-2's pretrained parameters, listed once. Names are Hugging Face's without
+# "transformer." (every weight reader maps its own format onto them); each entry gives the
+# tensor's shape for a width W and where the decoder keeps it.
+Shape = Callable[[GPT2Config], tuple[int, ...]]
+GLOBAL_PARAMETERS: dict[str, tuple[Shape, Callable[["GPT2Decoder"], Any]]] = {
+    "wte.weight": (lambda c: (c.vocab_size, c.n_embd), lambda d: d.wte.embeddings),
+    "wpe.weight": (lambda c: (c.n_positions, c.n_embd), lambda d: d.wpe.embeddings),
+    "ln_f.weight": (lambda c: (c.n_embd,), lambda d: d.ln_f.gamma),
+    "ln_f.bias": (lambda c: (c.n_embd,), lambda d: d.ln_f.beta),
+}
+# Per block, after the "h.{i}." prefix.
+BLOCK_PARAMETERS: dict[str, tuple[Shape, Callable[[TransformerBlock], Any]]] = {
+    "ln_1.weight": (lambda c: (c.n_embd,), lambda b: b.ln_1.gamma),
+    "ln_1.bias": (lambda c: (c.n_embd,), lambda b: b.ln_1.beta),
+    "attn.c_attn.weight": (lambda c: (c.n_embd, 3 * c.n_embd), lambda b: b.attn.c_attn.kernel),
+    "attn.c_attn.bias": (lambda c: (3 * c.n_embd,), lambda b: b.attn.c_attn.bias),
+    "attn.c_proj.weight": (lambda c: (c.n_embd, c.n_embd), lambda b: b.attn.c_proj.kernel),
+    "attn.c_proj.bias": (lambda c: (c.n_embd,), lambda b: b.attn.c_proj.bias),
+    "ln_2.weight": (lambda c: (c.n_embd,), lambda b: b.ln_2.gamma),
+    "ln_2.bias": (lambda c: (c.n_embd,), lambda b: b.ln_2.beta),
+    "mlp.c_fc.weight": (lambda c: (c.n_embd, 4 * c.n_embd), lambda b: b.c_fc.kernel),
+    "mlp.c_fc.bias": (lambda c: (4 * c.n_embd,), lambda b: b.c_fc.bias),
+    "mlp.c_proj.weight": (lambda c: (4 * c.n_embd, c.n_embd), lambda b: b.c_proj.kernel),
+    "mlp.c_proj.bias": (lambda c: (c.n_embd,), lambda b: b.c_proj.bias),
+}
+
+
+def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every pretrained tensor of a plain GPT-2 with this config, by canonical name, in load order."""
+    shapes = {name: shape(config) for name, (shape, _) in GLOBAL_PARAMETERS.items()}
+    for i in range(config.n_layer):
+        shapes.update({f"h.{i}.{suffix}": shape(config) for suffix, (shape, _) in BLOCK_PARAMETERS.items()})
+    return shapes
 
 
 @keras.saving.register_keras_serializable("gpt2_effnet")
@@ -96,30 +130,9 @@ class GPT2Decoder(keras.Model):
         This is the one name map every foreign-format loader targets; captioner-only
         weights (cross-attention, special tokens) are deliberately not in it.
         """
-        names: dict[str, keras.Variable] = {
-            "wte.weight": self.wte.embeddings,
-            "wpe.weight": self.wpe.embeddings,
-            "ln_f.weight": self.ln_f.gamma,
-            "ln_f.bias": self.ln_f.beta,
-        }
+        names = {name: where(self) for name, (_, where) in GLOBAL_PARAMETERS.items()}
         for i, block in enumerate(self.blocks):
-            prefix = f"h.{i}."
-            parts = {
-                "ln_1": block.ln_1,
-                "ln_2": block.ln_2,
-            }
-            for name, norm in parts.items():
-                names[prefix + name + ".weight"] = norm.gamma
-                names[prefix + name + ".bias"] = norm.beta
-            dense = {
-                "attn.c_attn": block.attn.c_attn,
-                "attn.c_proj": block.attn.c_proj,
-                "mlp.c_fc": block.c_fc,
-                "mlp.c_proj": block.c_proj,
-            }
-            for name, layer in dense.items():
-                names[prefix + name + ".weight"] = layer.kernel
-                names[prefix + name + ".bias"] = layer.bias
+            names.update({f"h.{i}.{suffix}": where(block) for suffix, (_, where) in BLOCK_PARAMETERS.items()})
         return names
 
     # -- forward -------------------------------------------------------------------------

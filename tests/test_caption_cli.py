@@ -11,22 +11,18 @@ import pytest
 
 from gpt2_effnet.captioner import Captioner
 from gpt2_effnet.cli import main
-from gpt2_effnet.config import CaptionerConfig
-from gpt2_effnet.samplers import caption_strings
-from gpt2_effnet.samplers.cli import read_image
+from gpt2_effnet.decoding import caption_strings
+from gpt2_effnet.image_input import read_image
 from gpt2_effnet.tokenizer import GPT2Tokenizer
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> tuple[Path, Captioner]:
+def saved(tiny_config, tmp_path_factory) -> tuple[Path, Captioner]:
     """A tiny captioner with the real GPT-2 vocabulary (so captions decode to text), saved like a run."""
-    config = CaptionerConfig.from_dict({
-        "gpt2": {"vocab_size": 50257, "n_positions": 16, "n_embd": 16, "n_layer": 1, "n_head": 2},
-        "model": {"backbone": "efficientnetb0", "image_size": SIZE, "encoder_layers": 1, "encoder_heads": 2,
-                  "cross_attention": "ungated", "max_caption_length": 5},
-    })
+    config = tiny_config(real_vocabulary=True, gpt2={"n_positions": 16, "n_embd": 16, "n_layer": 1},
+                         model={"image_size": SIZE, "max_caption_length": 5})
     model = Captioner(config)
     rng = np.random.default_rng(0)
     for variable in model.decoder.weights:

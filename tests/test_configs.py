@@ -17,6 +17,7 @@ def test_configs_are_shipped() -> None:
     assert {p.name for p in CONFIGS} >= {"model1.yaml", "model2.yaml", "demo.yaml"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_builds_and_runs(path: Path) -> None:
     config = CaptionerConfig.load(path)

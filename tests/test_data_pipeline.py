@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from gpt2_effnet.data.captions import CaptionFileError, read_coco, read_csv
-from gpt2_effnet.data.pipeline import SkipCounter, caption_dataset
+from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, caption_dataset
 from gpt2_effnet.tokenizer import GPT2Tokenizer
 
 SIZE = 32
@@ -71,7 +71,7 @@ def test_bad_images_skipped_and_counted_formats_become_rgb(mixed_set, tok) -> No
     assert len(captions) == 4 and captions.num_missing == 1
 
     skips = SkipCounter()
-    out = collect(caption_dataset(captions, tok, SIZE, MAX_LEN, batch_size=3, shuffle=False, skips=skips))
+    out = collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, batch_size=3, shuffle=False), skips=skips))
     assert out["images"].shape == (2, SIZE, SIZE, 3) and out["images"].dtype == np.float32
     assert (skips.skipped, skips.missing, skips.unreadable) == (2, 1, 1)
     assert skips.unreadable_samples() == [str(folder / "corrupt.jpg")]
@@ -92,8 +92,8 @@ def test_bad_images_skipped_and_counted_formats_become_rgb(mixed_set, tok) -> No
 def test_skips_exact_with_shuffle_and_repeat(mixed_set, tok) -> None:
     folder, _, _ = mixed_set
     skips = SkipCounter()
-    ds = caption_dataset(read_csv(folder / "captions.csv"), tok, SIZE, MAX_LEN, batch_size=2, shuffle=True,
-                         seed=3, repeat=True, skips=skips)
+    ds = caption_dataset(read_csv(folder / "captions.csv"), tok,
+                         PipelineSpec(SIZE, MAX_LEN, batch_size=2, shuffle=True, seed=3, repeat=True), skips=skips)
     for _ in ds.take(5):  # 5 batches of 2 good samples = several epochs
         pass
     assert (skips.missing, skips.unreadable) == (1, 1)
@@ -105,14 +105,14 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path, tok) -> None:
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
     assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
     write_csv(tmp_path / "c.csv", [("cmyk.jpg", "ink")])
-    out = collect(caption_dataset(read_csv(tmp_path / "c.csv"), tok, SIZE, MAX_LEN, 1, shuffle=False))
+    out = collect(caption_dataset(read_csv(tmp_path / "c.csv"), tok, PipelineSpec(SIZE, MAX_LEN, 1, shuffle=False)))
     assert np.abs(out["images"][0] - rgb).mean() < 4.0
 
 
 def test_resize_to_model_size(tmp_path, tok) -> None:
     Image.fromarray(smooth_rgb(4, 50)[:, :40]).save(tmp_path / "wide.png")  # 40 x 50, not square
     write_csv(tmp_path / "w.csv", [("wide.png", "a wide one")])
-    out = collect(caption_dataset(read_csv(tmp_path / "w.csv"), tok, 24, MAX_LEN, 1, shuffle=False))
+    out = collect(caption_dataset(read_csv(tmp_path / "w.csv"), tok, PipelineSpec(24, MAX_LEN, 1, shuffle=False)))
     assert out["images"].shape == (1, 24, 24, 3)
     assert 0.0 <= out["images"].min() and out["images"].max() <= 255.0
 
@@ -142,7 +142,7 @@ def test_coco_json(tmp_path, tok) -> None:
     assert list(captions.pairs) == [(a, "first"), (b, "second"), (a, "third")]
     assert captions.missing == {b} and captions.num_missing == 1
     skips = SkipCounter()
-    out = collect(caption_dataset(captions, tok, SIZE, MAX_LEN, 4, shuffle=False, skips=skips))
+    out = collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False), skips=skips))
     assert texts_of(tok, out) == ["first", "third"] and skips.missing == 1
 
     (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
@@ -165,14 +165,13 @@ def test_workers_partition_the_samples(numbered_set, tok) -> None:
         shares = []
         for index in range(workers):
             skips = SkipCounter()
-            out = collect(caption_dataset(captions, tok, SIZE, MAX_LEN, 4, shuffle=True, seed=index,
-                                          num_shards=workers, shard_index=index, skips=skips))
+            out = collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, seed=index, num_shards=workers, shard_index=index), skips=skips))
             shares.append(texts_of(tok, out))
             assert skips.num_samples == len(shares[-1])
         assert sorted(t for s in shares for t in s) == sorted(texts)
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
     with pytest.raises(ValueError, match="shard_index"):
-        caption_dataset(captions, tok, SIZE, MAX_LEN, 4, num_shards=2, shard_index=2)
+        caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, 4, num_shards=2, shard_index=2))
 
 
 def test_shuffle_is_seeded_and_differs_per_epoch(numbered_set, tok) -> None:
@@ -180,8 +179,7 @@ def test_shuffle_is_seeded_and_differs_per_epoch(numbered_set, tok) -> None:
     n = len(texts)
 
     def epochs(seed):
-        ds = caption_dataset(captions, tok, SIZE, MAX_LEN, n, shuffle=True, seed=seed, repeat=True,
-                             drop_remainder=True, deterministic=True)
+        ds = caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, n, shuffle=True, seed=seed, repeat=True, drop_remainder=True, deterministic=True))
         return [texts_of(tok, {k: v.numpy() for k, v in b.items()}) for b in ds.take(2)]
 
     first, again, other = epochs(0), epochs(0), epochs(1)

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from gpt2_effnet.data.captions import read_csv
-from gpt2_effnet.data.pipeline import SkipCounter, caption_dataset
+from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, caption_dataset
 from gpt2_effnet.data.shards import expand_shards, read_index, scan_tar, write_shards
 from gpt2_effnet.data.synthetic import write_synthetic
 from gpt2_effnet.data.wds import wds_dataset
@@ -93,8 +93,8 @@ def test_tfdata_reader_matches_csv_pipeline(synth, shards, tok, chunk, monkeypat
     monkeypatch.setattr(wds_module, "CHUNK", chunk)  # chunks smaller than a tar slice, and larger
     _, pattern = shards
     skips = SkipCounter()
-    from_tars = collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=False, skips=skips))
-    from_csv = collect(caption_dataset(synth, tok, SIZE, MAX_LEN, 4, shuffle=False))
+    from_tars = collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False), skips=skips))
+    from_csv = collect(caption_dataset(synth, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False)))
     assert len(from_tars["images"]) == len(synth) == 18 and skips.skipped == 0
     for key in ("images", "token_ids", "mask"):
         np.testing.assert_array_equal(from_tars[key], from_csv[key])
@@ -108,7 +108,7 @@ def test_tfdata_reader_skips_and_names_a_corrupt_image(tmp_path, synth, tok) -> 
             jpg = open(path, "rb").read()
             writer.write({"__key__": f"{i:09d}", "jpg": jpg[:100] if i == 1 else jpg, "txt": text.encode()})
     skips = SkipCounter()
-    out = collect(wds_dataset(str(tmp_path / "c.tar"), tok, SIZE, MAX_LEN, 4, shuffle=False, skips=skips))
+    out = collect(wds_dataset(str(tmp_path / "c.tar"), tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False), skips=skips))
     expected, _ = tok.batch_encode([synth.pairs[i][1] for i in (0, 2, 3)], MAX_LEN)
     np.testing.assert_array_equal(out["token_ids"], expected)
     assert (skips.missing, skips.unreadable) == (0, 1)
@@ -117,9 +117,9 @@ def test_tfdata_reader_skips_and_names_a_corrupt_image(tmp_path, synth, tok) -> 
 
 def test_tfdata_reader_workers_partition(shards, tok) -> None:
     _, pattern = shards
-    everything = collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=False))["token_ids"]
+    everything = collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False)))["token_ids"]
     for workers in (2, 3, 4):
-        parts = [collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=False, num_shards=workers, shard_index=i))["token_ids"]
+        parts = [collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False, num_shards=workers, shard_index=i)))["token_ids"]
                  for i in range(workers)]
         # Contiguous slices, in order, covering everything once.
         np.testing.assert_array_equal(np.concatenate(parts), everything)
@@ -128,8 +128,8 @@ def test_tfdata_reader_workers_partition(shards, tok) -> None:
 
 def test_tfdata_reader_shuffles_whole_epochs(shards, tok) -> None:
     _, pattern = shards
-    plain = collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=False))["token_ids"]
-    mixed = collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=True, seed=1, shuffle_buffer=8))["token_ids"]
+    plain = collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False)))["token_ids"]
+    mixed = collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, seed=1, shuffle_buffer=8)))["token_ids"]
     assert sorted(map(tuple, mixed)) == sorted(map(tuple, plain)) and not np.array_equal(mixed, plain)
 
 
@@ -170,9 +170,9 @@ def dali():
 def test_dali_and_tfdata_yield_the_same_samples(dali, shards, tok, workers, image_size) -> None:
     _, pattern = shards
     for index in range(workers):
-        kwargs = dict(shuffle=False, num_shards=workers, shard_index=index)
-        a = collect(wds_dataset(pattern, tok, image_size, MAX_LEN, 4, **kwargs))
-        b = collect(dali.dali_dataset(pattern, tok, image_size, MAX_LEN, 4, repeat=False, device="cpu", **kwargs))
+        spec = PipelineSpec(image_size, MAX_LEN, 4, shuffle=False, num_shards=workers, shard_index=index)
+        a = collect(wds_dataset(pattern, tok, spec))
+        b = collect(dali.dali_dataset(pattern, tok, spec, device="cpu"))
         np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
         assert a["images"].shape == b["images"].shape and b["images"].dtype == np.float32
@@ -193,9 +193,9 @@ def test_dali_and_tfdata_skip_a_sample_missing_its_caption(dali, tmp_path, synth
                 sample["txt"] = text.encode()
             writer.write(sample)
     results = []
-    for make in (wds_dataset, lambda *a, **k: dali.dali_dataset(*a, repeat=False, device="cpu", **k)):
+    for make in (wds_dataset, lambda *a, **k: dali.dali_dataset(*a, device="cpu", **k)):
         skips = SkipCounter()
-        results.append(collect(make(str(tmp_path / "m.tar"), tok, SIZE, MAX_LEN, 3, shuffle=False, skips=skips)))
+        results.append(collect(make(str(tmp_path / "m.tar"), tok, PipelineSpec(SIZE, MAX_LEN, 3, shuffle=False), skips=skips)))
         assert skips.missing == 1 and skips.num_samples == 4
     np.testing.assert_array_equal(results[0]["token_ids"], results[1]["token_ids"])
     expected, _ = tok.batch_encode([t for i, (_, t) in enumerate(synth.pairs[:5]) if i != 2], MAX_LEN)
@@ -204,9 +204,9 @@ def test_dali_and_tfdata_skip_a_sample_missing_its_caption(dali, tmp_path, synth
 
 def test_dali_shuffled_epoch_and_endless_stream(dali, shards, tok) -> None:
     _, pattern = shards
-    plain = collect(wds_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=False))["token_ids"]
-    mixed = collect(dali.dali_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=True, seed=3, repeat=False, device="cpu"))["token_ids"]
+    plain = collect(wds_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=False)))["token_ids"]
+    mixed = collect(dali.dali_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, seed=3, repeat=False), device="cpu"))["token_ids"]
     assert sorted(map(tuple, mixed)) == sorted(map(tuple, plain)) and not np.array_equal(mixed, plain)
-    endless = dali.dali_dataset(pattern, tok, SIZE, MAX_LEN, 4, shuffle=True, repeat=True, device="cpu")
+    endless = dali.dali_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, repeat=True), device="cpu")
     batches = list(endless.take(7))  # 28 samples > the 18 in one epoch
     assert all(b["images"].shape == (4, SIZE, SIZE, 3) for b in batches)

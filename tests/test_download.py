@@ -327,7 +327,7 @@ def test_short_body_is_a_size_mismatch(hub: FakeHub, tmp_path: Path) -> None:
 def test_404_names_the_url_and_is_not_retried(hub: FakeHub, tmp_path: Path) -> None:
     _fill(hub, HF_PREFIX, HF_NAMES, seed=13)
     del hub.files[HF_PREFIX + "vocab.json"]
-    with pytest.raises(dl.DownloadError, match=re.escape(f"HTTP 404") + ".*" + re.escape(f"{hub.url}{HF_PREFIX}vocab.json")):
+    with pytest.raises(dl.DownloadError, match=re.escape("HTTP 404") + ".*" + re.escape(f"{hub.url}{HF_PREFIX}vocab.json")):
         _get(hub, tmp_path, retries=3)
     assert len(hub.gets(HF_PREFIX + "vocab.json")) == 1
     assert not (tmp_path / "vocab.json.part").exists()

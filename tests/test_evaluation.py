@@ -150,7 +150,7 @@ def test_evaluate_cli_reports_both_scales_and_counts_skips(tmp_path, capsys) -> 
 
 
 def test_predictions_are_matched_by_resolved_path_or_unique_name(tmp_path) -> None:
-    from gpt2_effnet.evaluation import match_predictions
+    from gpt2_effnet.commands.evaluate import match_predictions
 
     images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "y.png"), str(tmp_path / "b" / "y.png")]
     predictions = {

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from gpt2_effnet.config import GPT2Config  # noqa: E402
 from gpt2_effnet.gpt2 import GPT2Decoder  # noqa: E402
-from gpt2_effnet.samplers import generate  # noqa: E402
+from gpt2_effnet.decoding import generate  # noqa: E402
 
 VOCAB = 16
 MAX_NEW = 12

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from gpt2_effnet.config import CaptionerConfig
 
@@ -19,11 +20,12 @@ REPO = Path(__file__).resolve().parent.parent
 CHANCE_COLOUR = 1 / 6
 
 
+@pytest.mark.slow
 def test_a_short_run_names_the_colour_it_sees(tmp_path: Path) -> None:
     from gpt2_effnet.captioner import Captioner
     from gpt2_effnet.data.synthetic import attribute_accuracy, read_metadata, write_synthetic
-    from gpt2_effnet.samplers import caption_strings
-    from gpt2_effnet.samplers.cli import read_image
+    from gpt2_effnet.decoding import caption_strings
+    from gpt2_effnet.image_input import read_image
     from gpt2_effnet.training.loop import train
     from gpt2_effnet.training.sources import caption_source, make_tokenizer
 

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from gpt2_effnet.captioner import Captioner
-from gpt2_effnet.config import CaptionerConfig
 from gpt2_effnet.encoder import BACKBONES, ImageEncoder
 
+# Heads of width 10 and two special tokens: shapes a power-of-two-only bug would miss.
 TINY_GPT2 = {"vocab_size": 97, "n_positions": 24, "n_embd": 30, "n_layer": 2, "n_head": 3}
 
 
-def tiny_config(**model) -> CaptionerConfig:
-    base = {"backbone": "efficientnetb0", "image_size": 32, "encoder_layers": 1, "encoder_heads": 3,
-            "num_special_tokens": 2}
-    return CaptionerConfig.from_dict({"gpt2": TINY_GPT2, "model": {**base, **model}})
+@pytest.fixture(scope="module")
+def config(tiny_config):
+    """``config(**model)``: the kit's tiny captioner with this module's odd shapes."""
+    return lambda **model: tiny_config(gpt2=TINY_GPT2, model={"encoder_heads": 3, "num_special_tokens": 2, **model})
 
 
 def random_images(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarray:
@@ -28,8 +28,8 @@ def random_images(rng: np.random.Generator, n: int, size: int = 32) -> np.ndarra
 
 
 @pytest.fixture(scope="module")
-def gated() -> Captioner:
-    return Captioner(tiny_config(cross_attention="gated"))
+def gated(config) -> Captioner:
+    return Captioner(config(cross_attention="gated"))
 
 
 def test_gated_captioner_at_init_is_plain_gpt2(gated: Captioner, rng) -> None:
@@ -41,8 +41,8 @@ def test_gated_captioner_at_init_is_plain_gpt2(gated: Captioner, rng) -> None:
         np.testing.assert_array_equal(with_image, plain)
 
 
-def test_opening_the_gate_lets_the_image_in(rng) -> None:
-    model = Captioner(tiny_config(cross_attention="gated"))
+def test_opening_the_gate_lets_the_image_in(config, rng) -> None:
+    model = Captioner(config(cross_attention="gated"))
     for block in model.decoder.blocks:
         block.crossattention.gate.assign(0.5)
     ids = rng.integers(0, 97, (2, 5))
@@ -53,16 +53,16 @@ def test_opening_the_gate_lets_the_image_in(rng) -> None:
     assert np.abs(a - b).max() > 1e-3
 
 
-def test_ungated_captioner_sees_the_image(rng) -> None:
-    model = Captioner(tiny_config(cross_attention="ungated"))
+def test_ungated_captioner_sees_the_image(config, rng) -> None:
+    model = Captioner(config(cross_attention="ungated"))
     ids = rng.integers(0, 97, (2, 5))
     a = np.asarray(model({"images": random_images(rng, 2), "token_ids": ids}))
     plain = np.asarray(model.decoder(ids))
     assert np.abs(a - plain).max() > 1e-3
 
 
-def test_cached_decoding_with_image_equals_full_forward(rng) -> None:
-    model = Captioner(tiny_config(cross_attention="ungated"))
+def test_cached_decoding_with_image_equals_full_forward(config, rng) -> None:
+    model = Captioner(config(cross_attention="ungated"))
     images = random_images(rng, 2)
     ids = rng.integers(0, 99, (2, 8))
     image_kv = model.encode_images(images)
@@ -108,8 +108,8 @@ def test_long_image_sequence_warns_and_never_prompts() -> None:
     assert any("1089 image tokens" in str(w.message) for w in caught)
 
 
-def test_freezing_follows_the_config() -> None:
-    cfg = tiny_config(cross_attention="gated")
+def test_freezing_follows_the_config(config) -> None:
+    cfg = config(cross_attention="gated")
     frozen = Captioner(cfg)
     trainable = {w.path for w in frozen.trainable_weights}
     assert not any("efficientnet" in p or p.startswith("encoder/stem") for p in trainable if "backbone" in p)
@@ -128,8 +128,8 @@ def test_freezing_follows_the_config() -> None:
     assert opened.decoder.blocks[0].crossattention.q_attn.kernel.path in trainable
 
 
-def test_save_and_load_round_trip(tmp_path, rng) -> None:
-    model = Captioner(tiny_config(cross_attention="ungated"))
+def test_save_and_load_round_trip(config, tmp_path, rng) -> None:
+    model = Captioner(config(cross_attention="ungated"))
     batch = {"images": random_images(rng, 2), "token_ids": rng.integers(0, 99, (2, 6))}
     expected = np.asarray(model(batch))
     model.save(tmp_path / "m.keras")
@@ -140,6 +140,7 @@ def test_save_and_load_round_trip(tmp_path, rng) -> None:
     np.testing.assert_array_equal(np.asarray(reloaded(batch)), expected)
 
 
+@pytest.mark.slow
 def test_decoder_runs_identically_on_the_torch_backend(tmp_path, rng) -> None:
     """Layers are pure keras.ops: the same weights give the same logits under PyTorch."""
     pytest.importorskip("torch")
@@ -177,13 +178,13 @@ def test_decoder_runs_identically_on_the_torch_backend(tmp_path, rng) -> None:
     np.testing.assert_allclose(np.load(tmp_path / "torch.npy"), np.load(tmp_path / "tf.npy"), atol=1e-5)
 
 
-def test_backbone_bn_momentum_is_applied() -> None:
+def test_backbone_bn_momentum_is_applied(config) -> None:
     import keras
 
-    model = Captioner(tiny_config(backbone_bn_momentum=0.9))
+    model = Captioner(config(backbone_bn_momentum=0.9))
     norms = [l for l in model.encoder.backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert norms and all(l.momentum == 0.9 for l in norms)
-    default = Captioner(tiny_config())
+    default = Captioner(config())
     assert all(l.momentum == 0.99 for l in default.encoder.backbone.layers
                if isinstance(l, keras.layers.BatchNormalization))
 

@@ -6,24 +6,21 @@ import numpy as np
 import pytest
 
 from gpt2_effnet.captioner import Captioner
-from gpt2_effnet.config import CaptionerConfig, ConfigError
+from gpt2_effnet.config import ConfigError
 from gpt2_effnet.gpt2 import EXCLUDED_LOGIT
 from gpt2_effnet.training.loss import masked_cross_entropy_sum
 
-TINY_GPT2 = {"vocab_size": 97, "n_positions": 24, "n_embd": 30, "n_layer": 2, "n_head": 3}
-KEPT = [0, 3, 5, 11, 42, 96]
-
-
-def config(vocabulary=None) -> CaptionerConfig:
-    return CaptionerConfig.from_dict({
-        "gpt2": TINY_GPT2,
-        "model": {"backbone": "efficientnetb0", "image_size": 32, "encoder_layers": 1, "encoder_heads": 3,
-                  "num_special_tokens": 2, "output_vocabulary": vocabulary},
-    })
+KEPT = [0, 3, 5, 11, 42, 96]  # of the kit's 97 token ids
 
 
 @pytest.fixture(scope="module")
-def pair() -> tuple[Captioner, Captioner]:
+def config(tiny_config):
+    """``config(vocabulary)``: the kit's tiny captioner, two special tokens, that output vocabulary."""
+    return lambda vocabulary=None: tiny_config(model={"num_special_tokens": 2, "output_vocabulary": vocabulary})
+
+
+@pytest.fixture(scope="module")
+def pair(config) -> tuple[Captioner, Captioner]:
     full = Captioner(config())
     restricted = Captioner(config(KEPT))
     restricted.set_weights(full.get_weights())
@@ -44,7 +41,7 @@ def test_kept_ids_keep_their_logits_and_the_rest_are_excluded(pair, rng) -> None
 def test_compact_loss_equals_the_loss_over_all_ids(pair, rng) -> None:
     _, restricted = pair
     decoder = restricted.decoder
-    hidden = rng.normal(size=(1, 9, 30)).astype("float32")
+    hidden = rng.normal(size=(1, 9, decoder.gpt2_config.n_embd)).astype("float32")
     targets = np.array([0, 3, 5, 11, 42, 96, 97, 98, 7])  # the last one is excluded
     weights = np.ones(9, "float32")
     full_sum, _ = masked_cross_entropy_sum(decoder.head(hidden)[0], targets, weights)
@@ -84,7 +81,7 @@ def test_the_list_saves_and_loads_with_the_model(pair, tmp_path, rng) -> None:
     ([1, -2], "integers >= 0"),
     ([5, 97], "outside GPT-2's vocabulary of 97"),
 ])
-def test_bad_lists_are_refused_naming_the_key(bad, message) -> None:
+def test_bad_lists_are_refused_naming_the_key(config, bad, message) -> None:
     with pytest.raises(ConfigError, match="output_vocabulary") as err:
         config(bad)
     assert message in str(err.value)

@@ -260,3 +260,23 @@ def test_batch_encode(tok: GPT2Tokenizer, add_bos: bool, add_eos: bool) -> None:
             assert mask[r].tolist() == [1] * len(kept) + [0] * pad
     empty_ids, empty_mask = tok.batch_encode([], 4)
     assert empty_ids.shape == empty_mask.shape == (0, 4)
+
+
+def test_save_writes_files_hf_tokenizers_reads_the_same(tmp_path: Path, tok: GPT2Tokenizer, reference) -> None:
+    """What training keeps in RUN_DIR/tokenizer: read back by us and by HF tokenizers, same ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tok.save(tmp_path / "run" / "tokenizer")
+    assert {p.name for p in folder.iterdir()} == {"vocab.json", "merges.txt"}
+    assert not list((tmp_path / "run").glob(".*partial"))
+    ours = GPT2Tokenizer.for_run(tmp_path / "run", num_special_tokens=1)
+    theirs = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))
+    theirs.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    for text in CORPUS[:120]:
+        want = reference.encode(text).ids
+        assert ours.encode(text) == want
+        assert theirs.encode(text).ids == want
+    with pytest.raises(FileExistsError):
+        tok.save(folder)
+    # A run folder without one falls back to GPT-2's own vocabulary.
+    assert GPT2Tokenizer.for_run(tmp_path / "elsewhere").encode("a red circle") == tok.encode("a red circle")

@@ -13,15 +13,14 @@ import pytest
 
 from gpt2_effnet.config import CaptionerConfig, ConfigError
 
-TINY = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2},
-    "model": {"image_size": 32, "encoder_layers": 1, "encoder_heads": 2, "max_caption_length": 20},
-    "trainable": {"gpt2_embeddings": True},
-    "optim": {"learning_rate": 0.01},
-    # float32: a model loaded from the run folder computes in float32 and is compared with
-    # the trainer's own to 1e-5 (under bfloat16 compute they differ by its rounding).
-    "train": {"batch_size": 8, "log_every": 4, "checkpoint_every": 1000, "seed": 1, "precision": "float32"},
-}
+# The kit's tiny config with GPT-2's real vocabulary (the captions are tokenised) and
+# trainable embeddings.
+TRAINING = {"real_vocabulary": True, "trainable": {"gpt2_embeddings": True}}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config_data) -> dict:
+    return tiny_config_data(**TRAINING)
 
 
 def _numpy_masked(logits: np.ndarray, token_ids: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -122,10 +121,10 @@ def test_optim_and_train_config_errors_name_the_key() -> None:
         CaptionerConfig.from_dict({"train": {"epoch": 3}})
 
 
-def test_run_folder_refuses_a_different_config(tmp_path: Path) -> None:
+def test_run_folder_refuses_a_different_config(tiny, tmp_path: Path) -> None:
     from gpt2_effnet.training.checkpoints import RunConfigMismatch, prepare_run_dir
 
-    config = CaptionerConfig.from_dict(TINY)
+    config = CaptionerConfig.from_dict(tiny)
     data = {"train": {"kind": "csv", "file": "/data/a.csv"}}
     prepare_run_dir(tmp_path, config, data)
     assert CaptionerConfig.load(tmp_path / "config.yaml") == config
@@ -164,14 +163,14 @@ def _first_and_last_loss(history: list[dict]) -> tuple[float, float]:
 
 
 @pytest.mark.slow
-def test_loss_falls_through_the_csv_pipeline(synthetic, tmp_path: Path) -> None:
+def test_loss_falls_through_the_csv_pipeline(tiny, synthetic, tmp_path: Path) -> None:
     import keras
 
     from gpt2_effnet.captioner import Captioner
     from gpt2_effnet.training.loop import Trainer
     from gpt2_effnet.training.sources import caption_source, make_tokenizer
 
-    config = CaptionerConfig.from_dict(TINY).replace(train={"steps": 24, "validate_every": 12, "validation_batches": 2})
+    config = CaptionerConfig.from_dict(tiny).replace(train={"steps": 24, "validate_every": 12, "validation_batches": 2})
     tokenizer = make_tokenizer(config)
     data = caption_source(config, tokenizer, csv=synthetic.train_csv)
     validation = caption_source(config, tokenizer, csv=synthetic.val_csv, training=False)
@@ -182,7 +181,17 @@ def test_loss_falls_through_the_csv_pipeline(synthetic, tmp_path: Path) -> None:
     assert last < first - 3.0, (first, last)  # ln(50258) = 10.8 at the start
     val = [h for h in result.history if "val_loss" in h]
     assert [h["step"] for h in val] == [12, 24] and val[-1]["val_loss"] < val[0]["val_loss"]
-    assert (tmp_path / "run" / "logs" / "train").is_dir()
+    # TensorBoard: the logged windows' losses, as tf.summary wrote them.
+    logged = _scalars(tmp_path / "run" / "logs" / "train", "loss")
+    assert [step for step, _ in logged] == [h["step"] for h in result.history if "loss" in h]
+    np.testing.assert_allclose([v for _, v in logged], [h["loss"] for h in result.history if "loss" in h], rtol=1e-6)
+    assert [s for s, _ in _scalars(tmp_path / "run" / "logs" / "val", "loss")] == [12, 24]
+    # The vocabulary travels with the run, for caption and evaluate.
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+
+    saved = GPT2Tokenizer.for_run(tmp_path / "run")
+    assert (tmp_path / "run" / "tokenizer" / "vocab.json").is_file()
+    assert saved.encode("two small red squares") == tokenizer.encode("two small red squares")
 
     # The run folder is a model folder: Captioner.load gives back the trained weights.
     batch = next(iter(data.make_dataset(_request(config))))
@@ -194,14 +203,27 @@ def test_loss_falls_through_the_csv_pipeline(synthetic, tmp_path: Path) -> None:
     assert Captioner.load(tmp_path / "run" / "best").captioner_config == config
 
 
+def _scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every scalar ``tag`` in a folder of TensorBoard event files."""
+    import tensorflow as tf
+
+    found = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    found.append((event.step, float(tf.make_ndarray(value.tensor))))
+    return found
+
+
 def _request(config: CaptionerConfig):
-    from gpt2_effnet.training.loop import DataRequest
+    from gpt2_effnet.training.data_source import DataRequest
 
     return DataRequest(epoch=0, batch_size=config.train.batch_size, num_shards=1, shard_index=0, seed=0, shuffle=False)
 
 
 @pytest.mark.slow
-def test_loss_falls_through_dali_on_cpu(synthetic, tmp_path: Path) -> None:
+def test_loss_falls_through_dali_on_cpu(tiny, synthetic, tmp_path: Path) -> None:
     from gpt2_effnet.data.dali import dali_available
 
     if not dali_available():
@@ -211,7 +233,7 @@ def test_loss_falls_through_dali_on_cpu(synthetic, tmp_path: Path) -> None:
 
     train_shards = [str(p) for p in synthetic.shards if Path(p).name.startswith("train-")]
     assert train_shards
-    config = CaptionerConfig.from_dict(TINY).replace(train={"steps": 12, "precision": "mixed_bfloat16"})
+    config = CaptionerConfig.from_dict(tiny).replace(train={"steps": 12, "precision": "mixed_bfloat16"})
     data = shard_source(config, make_tokenizer(config), train_shards, "dali")
     result = Trainer(config, tmp_path / "run", data, show_progress=False).fit()
     first, last = _first_and_last_loss(result.history)
@@ -219,15 +241,15 @@ def test_loss_falls_through_dali_on_cpu(synthetic, tmp_path: Path) -> None:
     assert last < first - 2.0, (first, last)
 
 
-def test_cli_builds_the_config_from_file_and_flags(tmp_path: Path) -> None:
+def test_cli_builds_the_config_from_file_and_flags(tiny, tmp_path: Path) -> None:
     import argparse
 
     import yaml
 
-    from gpt2_effnet.training import cli
+    from gpt2_effnet.commands import train as cli
 
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "epochs": 3}}))
+    path.write_text(yaml.safe_dump({**tiny, "train": {**tiny["train"], "epochs": 3}}))
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args(["--config", str(path), "--csv", "x.csv", "--out", "r", "--steps", "7",
@@ -244,12 +266,12 @@ def test_cli_builds_the_config_from_file_and_flags(tmp_path: Path) -> None:
         parser.parse_args(["--config", str(path), "--csv", "x", "--coco", "y", "--out", "r"])
 
 
-def test_shards_are_split_between_workers(synthetic) -> None:
+def test_shards_are_split_between_workers(tiny, synthetic) -> None:
     """What each worker of a multi-worker run reads: disjoint shares that together are everything."""
-    from gpt2_effnet.training.loop import DataRequest
+    from gpt2_effnet.training.data_source import DataRequest
     from gpt2_effnet.training.sources import caption_source, make_tokenizer
 
-    config = CaptionerConfig.from_dict(TINY)
+    config = CaptionerConfig.from_dict(tiny)
     data = caption_source(config, make_tokenizer(config), csv=synthetic.train_csv, training=False)
     seen = []
     for index in range(2):
@@ -261,14 +283,14 @@ def test_shards_are_split_between_workers(synthetic) -> None:
     assert not seen[0] & seen[1]
 
 
-def test_train_command_names_missing_csv_columns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_command_names_missing_csv_columns(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import argparse
 
     import yaml
 
-    from gpt2_effnet.training import cli
+    from gpt2_effnet.commands import train as cli
 
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**TINY, "train": {**TINY["train"], "steps": 2}}))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump({**tiny, "train": {**tiny["train"], "steps": 2}}))
     (tmp_path / "bad.csv").write_text("file,text\na.jpg,a cat\n")
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
@@ -281,20 +303,20 @@ def test_train_command_names_missing_csv_columns(tmp_path: Path, capsys: pytest.
 
 
 @pytest.mark.parametrize("vocabulary", [None, "kept"])
-def test_head_on_target_positions_only_gives_the_full_heads_loss_and_gradients(rng, vocabulary) -> None:
+def test_head_on_target_positions_only_gives_the_full_heads_loss_and_gradients(tiny, rng, vocabulary) -> None:
     """The train step applies the LM head to real tokens only (and, with an output
     vocabulary, to its ids only): loss and every gradient must equal the plain full head's."""
     import tensorflow as tf
 
     from gpt2_effnet.captioner import Captioner
-    from gpt2_effnet.training.loop import logits_at_targets
+    from gpt2_effnet.training.steps import logits_at_targets
     from gpt2_effnet.training.loss import masked_cross_entropy_sum, next_token_split
 
     token_ids = rng.integers(0, 300, (3, 9)).astype(np.int32)
     mask = (np.arange(9)[None, :] < np.array([[9], [4], [6]])).astype(np.int32)
     kept = sorted(set(token_ids[mask.astype(bool)].tolist()) | {5, 299})
-    config = CaptionerConfig.from_dict({**TINY, "gpt2": {**TINY["gpt2"], "vocab_size": 300},
-                                        "model": {**TINY["model"], "backbone_drop_path": 0.0,  # no random drop-path: two passes must agree
+    config = CaptionerConfig.from_dict({**tiny, "gpt2": {**tiny["gpt2"], "vocab_size": 300},
+                                        "model": {**tiny["model"], "backbone_drop_path": 0.0,  # no random drop-path: two passes must agree
                                                   "output_vocabulary": kept if vocabulary else None}})
     model = Captioner(config)
     images = rng.uniform(0, 255, (3, 32, 32, 3)).astype(np.float32)

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import yaml
 
-TINY_YAML = {
-    "gpt2": {"vocab_size": 50257, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2},
-    "model": {"image_size": 32, "encoder_layers": 1, "encoder_heads": 2, "max_caption_length": 20},
+# The kit's tiny config with GPT-2's vocabulary; a cosine schedule, so the learning rate
+# differs at every step and must be resumed too; the default precision (bfloat16 where the
+# CPU has it), as a user's run would have.
+RESUME = {
+    "real_vocabulary": True,
     "trainable": {"gpt2_embeddings": True},
-    # A cosine schedule, so the learning rate differs at every step and must be resumed too.
     "optim": {"learning_rate": 0.005, "schedule": "cosine", "warmup_steps": 3},
-    "train": {"batch_size": 4, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 2, "seed": 5},
+    "train": {"batch_size": 4, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 2, "seed": 5,
+              "precision": "auto"},
 }
 STEPS = 2000  # far more than the test lets any run reach
 START_TIMEOUT = 300  # tracing the first step takes a while on a loaded two-core machine
@@ -60,13 +62,13 @@ def _metrics(run: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sigint_saves_and_sigkill_resumes_with_the_saved_optimizer_state(tmp_path: Path) -> None:
+def test_sigint_saves_and_sigkill_resumes_with_the_saved_optimizer_state(tiny_config_data, tmp_path: Path) -> None:
     from gpt2_effnet.data.synthetic import write_synthetic
 
     data = write_synthetic(tmp_path / "data", n_images=24, image_size=32, seed=4, captions_per_image=2,
                            val_fraction=0.0, progress=False)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY_YAML))
+    config.write_text(yaml.safe_dump(tiny_config_data(**RESUME)))
     run = tmp_path / "run"
     argv = ["train", "--config", str(config), "--csv", str(data.train_csv), "--out", str(run),
             "--steps", str(STEPS), "--no-progress"]
@@ -99,7 +101,7 @@ def test_sigint_saves_and_sigkill_resumes_with_the_saved_optimizer_state(tmp_pat
     import keras
     import tensorflow as tf
 
-    from gpt2_effnet.training import cli
+    from gpt2_effnet.commands import train as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)

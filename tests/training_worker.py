@@ -42,25 +42,24 @@ def toy_batch(count: int, seed: int = 0, length: int = 10, vocab: int = 64) -> d
 
 
 def tiny_config(**train: object):
+    from conftest import tiny_config_dict  # this script's folder (tests/) is on sys.path
+
     from gpt2_effnet.config import CaptionerConfig
 
-    return CaptionerConfig.from_dict(
-        {
-            "gpt2": {"vocab_size": 64, "n_positions": 16, "n_embd": 32, "n_layer": 2, "n_head": 2},
-            "model": {"image_size": 32, "encoder_layers": 1, "encoder_heads": 2, "max_caption_length": 10},
-            "trainable": {"gpt2_embeddings": True},
-            # epsilon ~ gradient size makes Adam's step scale with the gradient, and tight clips
-            # are active: a gradient summed twice, or clipped per replica, changes the losses.
-            "optim": {"learning_rate": 0.05, "epsilon": 0.01, "clipvalue": 0.02, "global_clipnorm": 0.5},
-            # float32: the replicas' losses are compared to the single device's within 2e-5.
-            "train": {"batch_size": GLOBAL_BATCH, "steps": STEPS, "log_every": 1, "checkpoint_every": 1000,
-                      "seed": 7, "precision": "float32", **train},
-        }
-    )
+    return CaptionerConfig.from_dict(tiny_config_dict(
+        gpt2={"vocab_size": 64, "n_positions": 16},
+        model={"max_caption_length": 10},
+        trainable={"gpt2_embeddings": True},
+        # epsilon ~ gradient size makes Adam's step scale with the gradient, and tight clips
+        # are active: a gradient summed twice, or clipped per replica, changes the losses.
+        optim={"learning_rate": 0.05, "epsilon": 0.01, "clipvalue": 0.02, "global_clipnorm": 0.5},
+        # float32 (the kit's): the replicas' losses are compared to the single device's within 2e-5.
+        train={"batch_size": GLOBAL_BATCH, "steps": STEPS, "log_every": 1, "checkpoint_every": 1000, "seed": 7, **train},
+    ))
 
 
 def run(name: str, out: Path, strategy: object, run_dir: str | None = None, **train: object) -> list[float]:
-    from gpt2_effnet.training.loop import DataSource, Trainer
+    from gpt2_effnet.training import DataSource, Trainer
 
     data = DataSource.from_tensors(toy_batch(40))
     trainer = Trainer(tiny_config(**train), out / (run_dir or name), data, strategy=strategy, show_progress=False)

@@ -21,7 +21,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from gpt2_effnet.data.pipeline import SkipCounter, Tokenizer, _pipeline_options, text_tokenizer_fn
+from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, Tokenizer, pipeline_options, text_tokenizer_fn
 from gpt2_effnet.data.shards import IMAGE_EXTS, index_path_for
 from gpt2_effnet.data.wds import plan_shards
 
@@ -45,29 +45,21 @@ def _gpu_present() -> bool:
 def dali_dataset(
     shards: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: Tokenizer,
-    image_size: int,
-    max_length: int,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int | None = 0,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    repeat: bool = True,
-    drop_remainder: bool = False,
-    shuffle_buffer: int = 1024,
+    spec: PipelineSpec,
+    skips: SkipCounter | None = None,
+    image_exts: Sequence[str] = IMAGE_EXTS,
     device: str = "auto",
     device_id: int = 0,
     num_threads: int | None = None,
-    image_exts: Sequence[str] = IMAGE_EXTS,
-    skips: SkipCounter | None = None,
 ) -> "tf.data.Dataset":  # noqa: F821
     """Batches of {"images", "token_ids", "mask"} from webdataset shards, read and decoded by DALI.
 
-    device: "auto" (GPU decode when TensorFlow sees a GPU), "gpu" or "cpu". With `repeat`
-    (the default) the stream is endless and epochs run into each other inside batches. Without
-    it, one epoch is yielded: ceil(n / batch_size) batches, the last one trimmed to the real
-    samples (or n // batch_size full batches with `drop_remainder`). `skips.missing` counts
-    samples lacking an image or a caption, which DALI drops.
+    device: "auto" (GPU decode when TensorFlow sees a GPU), "gpu" or "cpu". With
+    `spec.repeat` the stream is endless and epochs run into each other inside batches.
+    Without it, one epoch is yielded: ceil(n / batch_size) batches, the last one trimmed to
+    the real samples (or n // batch_size full batches with `drop_remainder`). `skips.missing`
+    counts samples lacking an image or a caption, which DALI drops. DALI's output order is
+    fixed by its seed whatever `spec.deterministic` says.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.plugin.tf as dali_tf
@@ -78,18 +70,19 @@ def dali_dataset(
     if device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r}")
     use_gpu = _gpu_present() if device == "auto" else device == "gpu"
-    plan = plan_shards(shards, num_shards, shard_index, image_exts)
+    plan = plan_shards(shards, spec.num_shards, spec.shard_index, image_exts)
     n = plan.num_samples
     if n == 0:
-        raise ValueError(f"worker {shard_index} of {num_shards} gets no samples: only {plan.stop} in the shards")
+        raise ValueError(f"worker {spec.shard_index} of {spec.num_shards} gets no samples: only {plan.stop} in the shards")
     skips = skips if skips is not None else SkipCounter()
-    skips._bind(n, plan.incomplete)
+    skips.bind(n, plan.incomplete)
 
     paths = list(plan.paths)
     indexes = [str(index_path_for(p)) for p in paths]
     if not all(os.path.isfile(i) for i in indexes):
         indexes = []  # DALI then scans the tars itself (slower start)
-    pipe_seed = -1 if seed is None else int(seed)
+    pipe_seed = -1 if spec.seed is None else int(spec.seed)
+    batch_size, image_size, repeat = spec.batch_size, spec.image_size, spec.repeat
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
                   device_id=device_id if use_gpu else None, seed=pipe_seed, prefetch_queue_depth=2)
@@ -99,10 +92,10 @@ def dali_dataset(
             index_paths=indexes,
             ext=[";".join(image_exts), "txt"],
             missing_component_behavior="skip",
-            random_shuffle=shuffle,
-            initial_fill=shuffle_buffer,
-            shard_id=shard_index,
-            num_shards=num_shards,
+            random_shuffle=spec.shuffle,
+            initial_fill=spec.shuffle_buffer,
+            shard_id=spec.shard_index,
+            num_shards=spec.num_shards,
             stick_to_shard=True,
             pad_last_batch=not repeat,
             name="reader",
@@ -124,7 +117,7 @@ def dali_dataset(
                                  device_id=device_id if use_gpu else None, fail_on_device_mismatch=False)
 
     if not repeat:
-        steps = n // batch_size if drop_remainder else math.ceil(n / batch_size)
+        steps = n // batch_size if spec.drop_remainder else math.ceil(n / batch_size)
         last = n - (steps - 1) * batch_size  # real samples in the final batch
         ds = ds.take(steps).enumerate()
 
@@ -134,7 +127,7 @@ def dali_dataset(
             return images[:keep], texts[:keep]
 
         ds = ds.map(lambda step, batch: trim(step, *batch))
-    tokenize = text_tokenizer_fn(tokenizer, max_length)
+    tokenize = text_tokenizer_fn(tokenizer, spec.max_length)
 
     def to_dict(images: tf.Tensor, texts: tf.Tensor) -> dict[str, tf.Tensor]:
         token_ids, mask = tokenize(texts)
@@ -142,4 +135,4 @@ def dali_dataset(
 
     ds = ds.map(to_dict, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_pipeline_options(deterministic=True))
+    return ds.with_options(pipeline_options(deterministic=True))

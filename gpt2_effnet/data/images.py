@@ -30,15 +30,3 @@ def decode_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
     # Antialiased resampling can overshoot slightly outside the input range.
     image = tf.clip_by_value(image, 0.0, 255.0)
     return tf.ensure_shape(image, [image_size, image_size, 3])
-
-
-def load_image(path: str | tf.Tensor, image_size: int) -> tf.Tensor:
-    """Read one file and decode it; used by the bare benchmark loop and for captioning single files."""
-    return decode_and_resize(tf.io.read_file(path), image_size)
-
-
-JPEG_MAGIC = b"\xff\xd8\xff"
-
-
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == JPEG_MAGIC

@@ -15,6 +15,7 @@ Design points:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -49,7 +50,11 @@ class SkipCounter:
         self._decoded = None
         self._describe: Callable[[int], str] = str
 
-    def _bind(self, num_samples: int, missing: int, describe: Callable[[int], str] | None = None) -> None:
+    def bind(self, num_samples: int, missing: int, describe: Callable[[int], str] | None = None) -> None:
+        """Attach to one pipeline: it reads `num_samples` samples (index 0..n-1), `missing` were dropped up front.
+
+        `describe(index)` names a sample in reports (a path, or tar:member).
+        """
         import tensorflow as tf
 
         if self._attempted is not None:
@@ -63,11 +68,28 @@ class SkipCounter:
             self._attempted = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
             self._decoded = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
 
-    def _mark(self, table, index: "tf.Tensor") -> "tf.Operation":
+    def _mark(self, table: "tf.lookup.experimental.MutableHashTable", index: "tf.Tensor") -> "tf.Operation":
         import tensorflow as tf
 
         key = tf.reshape(tf.cast(index, tf.int64), [1])
         return table.insert(key, tf.ones([1], tf.int64))
+
+    def track(self, index: "tf.Tensor", decode: Callable[[], "tf.Tensor"]) -> "tf.Tensor":
+        """Graph code: ``decode()`` for sample `index`, counted as attempted before and decoded after.
+
+        A sample whose decode raises (and is then dropped by ``ignore_errors``) stays
+        attempted but not decoded: that difference is the unreadable count.
+        """
+        import tensorflow as tf
+
+        if self._attempted is None:
+            raise RuntimeError("bind() the SkipCounter to its pipeline first")
+        with tf.control_dependencies([self._mark(self._attempted, index)]):
+            image = decode()
+        with tf.control_dependencies([image]):  # marked decoded only if decoding succeeded
+            done = self._mark(self._decoded, index)
+        with tf.control_dependencies([done]):
+            return tf.identity(image)
 
     @property
     def unreadable(self) -> int:
@@ -100,7 +122,46 @@ class SkipCounter:
         return text
 
 
-def _pipeline_options(deterministic: bool) -> "tf.data.Options":
+@dataclass(frozen=True)
+class PipelineSpec:
+    """What the training loop asks of any pipeline (CSV/COCO, shards via tf.data, shards via DALI).
+
+    Worker `shard_index` of `num_shards` reads its own share. With `repeat` the stream is
+    endless and reshuffles every epoch (same seed, same sequence); without it one epoch is
+    yielded. `deterministic` (default: only when not shuffling) keeps the shuffled order
+    exactly reproducible from the seed, at some cost in throughput when read times vary.
+    `shuffle_buffer` applies to shard readers (a CSV's rows are shuffled whole).
+    """
+
+    image_size: int
+    max_length: int
+    batch_size: int
+    shuffle: bool = True
+    seed: int | None = 0
+    num_shards: int = 1
+    shard_index: int = 0
+    repeat: bool = False
+    drop_remainder: bool = False
+    shuffle_buffer: int = 1024
+    deterministic: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "max_length", "batch_size", "shuffle_buffer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        worker_slice(0, self.num_shards, self.shard_index)  # checks the shard numbers
+
+    @property
+    def ordered(self) -> bool:
+        """Whether output order must follow input order exactly."""
+        return (not self.shuffle) if self.deterministic is None else bool(self.deterministic)
+
+    def where(self) -> str:
+        return f" (worker {self.shard_index} of {self.num_shards})" if self.num_shards > 1 else ""
+
+
+def pipeline_options(deterministic: bool) -> "tf.data.Options":
     import tensorflow as tf
 
     options = tf.data.Options()
@@ -139,25 +200,13 @@ def to_batch(images: "tf.Tensor", ids: "tf.Tensor", lengths: "tf.Tensor", max_le
 def caption_dataset(
     pairs: Sequence[Pair] | CaptionSet,
     tokenizer: Tokenizer,
-    image_size: int,
-    max_length: int,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int | None = 0,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    repeat: bool = False,
-    drop_remainder: bool = False,
+    spec: PipelineSpec,
     skips: SkipCounter | None = None,
-    deterministic: bool | None = None,
 ) -> "tf.data.Dataset":
     """Batches of {"images", "token_ids", "mask"} for this worker's share of `pairs`.
 
-    Worker `shard_index` of `num_shards` reads a contiguous 1/num_shards of the rows. With
-    `repeat`, the dataset is infinite and reshuffles every epoch (same seed, same sequence).
-    Pass a `SkipCounter` as `skips` to read how many samples were dropped. `deterministic`
-    (default: only when not shuffling) keeps the shuffled order exactly reproducible from the
-    seed, at some cost in throughput when file read times vary.
+    Worker `shard_index` reads a contiguous 1/num_shards of the rows. Pass a `SkipCounter`
+    as `skips` to read how many samples were dropped, and which.
     """
     import tensorflow as tf
 
@@ -168,46 +217,35 @@ def caption_dataset(
     else:
         all_pairs = [(str(p), str(c)) for p, c in pairs]
         missing = find_missing([p for p, _ in all_pairs])
-    for name, value in (("image_size", image_size), ("max_length", max_length), ("batch_size", batch_size)):
-        if not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    start, stop = worker_slice(len(all_pairs), num_shards, shard_index)
+    start, stop = worker_slice(len(all_pairs), spec.num_shards, spec.shard_index)
     share = all_pairs[start:stop]
     present = [p for p in share if p[0] not in missing]
     if not present:
-        where = f" (worker {shard_index} of {num_shards})" if num_shards > 1 else ""
-        raise ValueError(f"no readable samples{where}: {len(share)} rows, all of their image files are missing")
+        raise ValueError(f"no readable samples{spec.where()}: {len(share)} rows, all of their image files are missing")
     skips = skips if skips is not None else SkipCounter()
-    skips._bind(len(present), len(share) - len(present), describe=lambda i: present[i][0])
-    ordered = (not shuffle) if deterministic is None else bool(deterministic)
+    skips.bind(len(present), len(share) - len(present), describe=lambda i: present[i][0])
 
     paths = np.array([p for p, _ in present], dtype=object)
-    token_ids, mask = tokenizer.batch_encode([c for _, c in present], max_length)
+    token_ids, mask = tokenizer.batch_encode([c for _, c in present], spec.max_length)
     lengths = mask.sum(axis=1).astype(np.int32)
     ids = compact_ids(token_ids)
 
     ds = tf.data.Dataset.from_tensor_slices((np.arange(len(present), dtype=np.int64), paths, ids, lengths))
-    if shuffle:
-        ds = ds.shuffle(len(present), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
+    if spec.shuffle:
+        ds = ds.shuffle(len(present), seed=spec.seed, reshuffle_each_iteration=True)
+    if spec.repeat:
         ds = ds.repeat()
 
     def load(index: tf.Tensor, path: tf.Tensor, row: tf.Tensor, length: tf.Tensor):
-        with tf.control_dependencies([skips._mark(skips._attempted, index)]):
-            data = tf.io.read_file(path)
-        image = decode_and_resize(data, image_size)
-        with tf.control_dependencies([image]):  # marked decoded only if decoding succeeded
-            done = skips._mark(skips._decoded, index)
-        with tf.control_dependencies([done]):
-            image = tf.identity(image)
+        image = skips.track(index, lambda: decode_and_resize(tf.io.read_file(path), spec.image_size))
         return image, row, length
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.ordered)
     ds = ds.ignore_errors()  # which files failed: skips.unreadable_samples()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(lambda im, row, n: to_batch(im, row, n, max_length), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
+    ds = ds.map(lambda im, row, n: to_batch(im, row, n, spec.max_length), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_pipeline_options(deterministic=ordered))
+    return ds.with_options(pipeline_options(deterministic=spec.ordered))
 
 
 def text_tokenizer_fn(tokenizer: Tokenizer, max_length: int) -> Callable[["tf.Tensor"], tuple["tf.Tensor", "tf.Tensor"]]:

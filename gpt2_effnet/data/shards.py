@@ -15,7 +15,6 @@ a worker's samples.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -221,28 +220,3 @@ def write_shards(
 
 
 # ---------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--csv", help="caption CSV (one row per caption)")
-    source.add_argument("--coco", help="COCO captions JSON (captions_train2017.json layout)")
-    parser.add_argument("--images", help="image folder (default: the caption file's folder)")
-    parser.add_argument("--image-column", default="image")
-    parser.add_argument("--caption-column", default="caption")
-    parser.add_argument("--out", required=True, help="output folder for the .tar and .idx files")
-    parser.add_argument("--per-shard", type=int, default=10_000, help="samples per shard")
-    parser.add_argument("--prefix", default="shard", help="shard file name prefix")
-
-
-def main(args: argparse.Namespace) -> int:
-    from gpt2_effnet.data.captions import read_captions
-
-    captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
-    print(captions.summary())
-    result = write_shards(captions, args.out, args.per_shard, args.prefix)
-    print(result.summary())
-    first, last = result.tars[0].name, result.tars[-1].name
-    pattern = first if len(result.tars) == 1 else f"{args.prefix}-{{{first[len(args.prefix) + 1:-4]}..{last[len(args.prefix) + 1:-4]}}}.tar"
-    print(f"train with: --shards {Path(args.out) / pattern}")
-    return 0

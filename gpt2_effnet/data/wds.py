@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2_effnet.data.pipeline import SkipCounter, Tokenizer, _pipeline_options, text_tokenizer_fn, worker_slice
+from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, Tokenizer, pipeline_options, text_tokenizer_fn, worker_slice
 from gpt2_effnet.data.shards import IMAGE_EXTS, Component, expand_shards, pick_components, tar_samples
 
 
@@ -119,44 +119,33 @@ def _read_chunks(tar_path: bytes, first: int, last: int, base: int, image_exts: 
 def wds_dataset(
     shards: str | os.PathLike | Sequence[str | os.PathLike],
     tokenizer: Tokenizer,
-    image_size: int,
-    max_length: int,
-    batch_size: int,
-    shuffle: bool = True,
-    seed: int | None = 0,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    repeat: bool = False,
-    drop_remainder: bool = False,
-    shuffle_buffer: int = 1024,
-    image_exts: Sequence[str] = IMAGE_EXTS,
+    spec: PipelineSpec,
     skips: SkipCounter | None = None,
-    deterministic: bool | None = None,
+    image_exts: Sequence[str] = IMAGE_EXTS,
 ) -> "tf.data.Dataset":  # noqa: F821
     """Batches of {"images", "token_ids", "mask"} from webdataset shards (brace patterns allowed).
 
     Shuffling visits this worker's tar slices in a fresh random order each epoch, reads up to
-    four of them interleaved, and shuffles samples in a `shuffle_buffer`. Unreadable images are
-    skipped and counted in `skips`; samples lacking a component count as `skips.missing`.
-    `deterministic` defaults to True only when not shuffling (see caption_dataset).
+    four of them interleaved, and shuffles samples in `spec.shuffle_buffer`. Unreadable images
+    are skipped and counted in `skips`; samples lacking a component count as `skips.missing`.
     """
     import tensorflow as tf
 
     from gpt2_effnet.data.images import decode_and_resize
 
     exts = tuple(image_exts)
-    plan = plan_shards(shards, num_shards, shard_index, exts)
+    plan = plan_shards(shards, spec.num_shards, spec.shard_index, exts)
     if plan.num_samples == 0:
-        raise ValueError(f"worker {shard_index} of {num_shards} gets no samples: only {plan.stop} in the shards")
+        raise ValueError(f"worker {spec.shard_index} of {spec.num_shards} gets no samples: only {plan.stop} in the shards")
     skips = skips if skips is not None else SkipCounter()
-    skips._bind(plan.num_samples, plan.incomplete, describe=lambda i: _describe(plan, exts, i))
-    ordered = (not shuffle) if deterministic is None else bool(deterministic)
+    skips.bind(plan.num_samples, plan.incomplete, describe=lambda i: _describe(plan, exts, i))
+    ordered = spec.ordered
 
     tars, firsts, lasts, bases = (list(c) for c in zip(*plan.slices))
     slices = tf.data.Dataset.from_tensor_slices((tars, np.array(firsts, np.int64), np.array(lasts, np.int64), np.array(bases, np.int64)))
-    if shuffle:
-        slices = slices.shuffle(len(tars), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
+    if spec.shuffle:
+        slices = slices.shuffle(len(tars), seed=spec.seed, reshuffle_each_iteration=True)
+    if spec.repeat:
         slices = slices.repeat()
     vector = tf.TensorSpec([None], tf.int32)
     signature = (tf.TensorSpec([None], tf.int64), tf.TensorSpec((), tf.string), vector, vector, vector, vector)
@@ -169,27 +158,21 @@ def wds_dataset(
         return chunks.map(split).unbatch()
 
     # Shuffle on: read several tars at once for mixing. Off: strictly one tar after the other.
-    if shuffle:
+    if spec.shuffle:
         ds = slices.interleave(open_slice, cycle_length=min(4, len(tars)), block_length=1,
                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     else:
         ds = slices.interleave(open_slice, cycle_length=1, block_length=1)
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if spec.shuffle:
+        ds = ds.shuffle(spec.shuffle_buffer, seed=spec.seed, reshuffle_each_iteration=True)
 
     def decode(index: tf.Tensor, data: tf.Tensor, text: tf.Tensor):
-        with tf.control_dependencies([skips._mark(skips._attempted, index)]):
-            image = decode_and_resize(tf.identity(data), image_size)
-        with tf.control_dependencies([image]):
-            done = skips._mark(skips._decoded, index)
-        with tf.control_dependencies([done]):
-            image = tf.identity(image)
-        return image, text
+        return skips.track(index, lambda: decode_and_resize(tf.identity(data), spec.image_size)), text
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.ignore_errors()  # which samples failed: skips.unreadable_samples()
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    tokenize = text_tokenizer_fn(tokenizer, max_length)
+    ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
+    tokenize = text_tokenizer_fn(tokenizer, spec.max_length)
 
     def to_dict(images: tf.Tensor, texts: tf.Tensor) -> dict[str, tf.Tensor]:
         token_ids, mask = tokenize(texts)
@@ -197,4 +180,4 @@ def wds_dataset(
 
     ds = ds.map(to_dict, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return ds.with_options(_pipeline_options(deterministic=ordered))
+    return ds.with_options(pipeline_options(deterministic=ordered))

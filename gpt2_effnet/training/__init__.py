@@ -16,8 +16,8 @@ from gpt2_effnet._lazy import lazy_exports
 _EXPORTS = {
     "Trainer": "gpt2_effnet.training.loop",
     "TrainResult": "gpt2_effnet.training.loop",
-    "DataSource": "gpt2_effnet.training.loop",
-    "DataRequest": "gpt2_effnet.training.loop",
+    "DataSource": "gpt2_effnet.training.data_source",
+    "DataRequest": "gpt2_effnet.training.data_source",
     "train": "gpt2_effnet.training.loop",
     "caption_source": "gpt2_effnet.training.sources",
     "shard_source": "gpt2_effnet.training.sources",

@@ -209,18 +209,3 @@ class Checkpointer:
         best.mkdir(parents=True, exist_ok=True)
         config.save(best / CONFIG_FILE)
         return self.export_weights(best)
-
-
-def checkpoint_step(path: str) -> int:
-    """The step a ``ckpt-STEP`` path was saved at."""
-    return int(Path(path).name.rsplit("-", 1)[1])
-
-
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """All tensors of a checkpoint by their object-graph key (for inspection and tests)."""
-    reader = tf.train.load_checkpoint(path)
-    return {
-        key: reader.get_tensor(key)
-        for key in reader.get_variable_to_shape_map()
-        if key != "_CHECKPOINTABLE_OBJECT_GRAPH"
-    }

@@ -16,7 +16,6 @@ gets ``batch_size / R`` examples per step.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,8 +95,3 @@ def describe(strategy: tf.distribute.Strategy) -> str:
     if info.num_workers > 1:
         text += f", worker {info.index} of {info.num_workers}"
     return text
-
-
-def tf_config_for(worker_addresses: list[str], index: int) -> str:
-    """The ``TF_CONFIG`` JSON for worker ``index`` of a cluster (used by tests and launch scripts)."""
-    return json.dumps({"cluster": {"worker": worker_addresses}, "task": {"type": "worker", "index": index}})

@@ -1,108 +1,33 @@
 """The one training loop, for every data pipeline and every ``tf.distribute`` strategy.
 
-A pipeline is handed in as a :class:`DataSource`: a function that builds one epoch's
-``tf.data.Dataset`` of batches ``{"images", "token_ids", "mask"}`` for a given shard,
-per-replica batch size and seed. The loop owns everything else: the model and optimizer
-(built inside the strategy's scope, under the precision policy), the train step, the
-checkpoints, resuming, logging and Ctrl-C.
-
-Gradients are exact whatever the split: each replica sums cross-entropy over its tokens
-and divides by the number of real tokens in the *global* batch, micro-batches
-(``grad_accum_steps``) add their gradients, and the replicas' sums are all-reduced once,
-then clipped and applied. One device with batch B, R replicas with B/R each, or W workers
-all compute the same update for the same examples.
+A pipeline comes in as a :class:`~.data_source.DataSource`; the loop owns the rest: model
+and optimizer (built inside the strategy's scope, under the precision policy), the
+compiled steps (:mod:`.steps`), checkpoints and resume (:mod:`.checkpoints`), what people
+see (:mod:`.reporting`) and Ctrl-C. Read :meth:`Trainer.fit` for the whole story.
 """
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from ..captioner import Captioner
 from ..config import CaptionerConfig
+from ..tokenizer import RUN_TOKENIZER_DIR
 from . import distribute
 from .checkpoints import CHECKPOINT_DIR, Checkpointer, RunState, prepare_run_dir
-from .loss import masked_correct_sum, masked_cross_entropy_sum, next_token_split
-from .optim import build_optimizer, clip_gradients
+from .data_source import DataRequest, DataSource, resolve_output_vocabulary
+from .optim import build_optimizer
 from .precision import resolve_precision
-
-BATCH_KEYS = ("images", "token_ids", "mask")
-
-
-# ---------------------------------------------------------------------------------------
-# Data as the loop sees it
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataRequest:
-    """What one input pipeline (one worker) must produce for one pass over the data."""
-
-    epoch: int
-    batch_size: int  # examples per dataset element = per-replica batch
-    num_shards: int  # input pipelines in the cluster (workers)
-    shard_index: int  # this pipeline's index
-    seed: int  # train.seed + epoch: a fresh, reproducible order every epoch
-    shuffle: bool  # False for validation
-
-
-@dataclass
-class DataSource:
-    """A pipeline: ``make_dataset(request)`` -> a finite ``tf.data.Dataset`` of batch dicts.
-
-    ``num_examples`` (over all shards), when known, fixes the steps per epoch, so every
-    worker stops an epoch at the same step. ``skipped()`` returns how many samples the
-    most recently made dataset (this epoch's, on this worker) dropped as missing or
-    unreadable; the loop prints it at each epoch's end. ``description`` is stored in the
-    run folder so a resume with other data is caught. ``vocabulary()``, where the source
-    can list its captions, gives the token ids they use.
-    """
-
-    make_dataset: Callable[[DataRequest], tf.data.Dataset]
-    num_examples: int | None = None
-    skipped: Callable[[], int] | None = None
-    description: Mapping[str, Any] = field(default_factory=dict)
-    # The token ids the captions use (for model.output_vocabulary: "captions"), when known.
-    vocabulary: Callable[[], set[int]] | None = None
-
-    @classmethod
-    def from_tensors(
-        cls, batch: Mapping[str, Any], shuffle: bool = True, description: Mapping[str, Any] | None = None
-    ) -> "DataSource":
-        """An in-memory source over arrays ``images [N,S,S,3]``, ``token_ids``/``mask [N,L]``.
-
-        Rows are shuffled (seeded by the request) *before* being dealt round-robin to the
-        shards, so the union of the shards' k-th batches is the single-device k-th batch.
-        """
-        arrays = {key: np.asarray(batch[key]) for key in BATCH_KEYS}
-        count = len(arrays["token_ids"])
-        if any(len(value) != count for value in arrays.values()):
-            raise ValueError(f"images, token_ids and mask must have the same length, got { {k: len(v) for k, v in arrays.items()} }")
-
-        def make(request: DataRequest) -> tf.data.Dataset:
-            order = np.arange(count)
-            if request.shuffle and shuffle:
-                order = np.random.default_rng(request.seed).permutation(count)
-            order = order[request.shard_index :: request.num_shards]
-            data = {key: value[order] for key, value in arrays.items()}
-            return tf.data.Dataset.from_tensor_slices(data).batch(request.batch_size)
-
-        return cls(make, num_examples=count, description=dict(description or {"source": "in-memory", "rows": count}))
-
-
-# ---------------------------------------------------------------------------------------
-# Results
-# ---------------------------------------------------------------------------------------
+from .reporting import MetricWindow, Reporter
+from .steps import build_eval_step, build_train_step
 
 
 @dataclass
@@ -118,41 +43,6 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return {"SIGINT": 130, "SIGTERM": 143}.get(self.interrupted or "", 0)
-
-
-class _Window:
-    """Token-weighted sums between two log lines.
-
-    Step outputs stay tensors until the log line: reading them every step would make the
-    host wait for the device after each step instead of queueing the next one.
-    """
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.pending: list[tuple[Any, Any, Any]] = []
-        self.start = time.perf_counter()
-
-    @property
-    def steps(self) -> int:
-        return len(self.pending)
-
-    def add(self, outputs: tuple[Any, Any, Any]) -> None:
-        self.pending.append(outputs)
-
-    def totals(self) -> tuple[float, float, float]:
-        """(cross-entropy sum, correct tokens, tokens) over the window."""
-        if not self.pending:
-            return 0.0, 0.0, 0.0
-        values = np.asarray([[float(x) for x in step] for step in self.pending], dtype=np.float64)
-        loss, correct, tokens = values.sum(axis=0)
-        return float(loss), float(correct), float(tokens)
-
-
-# ---------------------------------------------------------------------------------------
-# The trainer
-# ---------------------------------------------------------------------------------------
 
 
 class Trainer:
@@ -186,11 +76,10 @@ class Trainer:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.worker = distribute.worker_info(self.strategy)
         self.is_chief = self.worker.is_chief
-        self._log = log or _print_line
         self.run_dir = Path(run_dir)
+        self.reporter = Reporter(self.run_dir, is_chief=self.is_chief, show_progress=show_progress, log=log)
         self.data = data
         self.validation = validation
-        self.show_progress = show_progress
         config = resolve_output_vocabulary(config, data)
         run_info = {"train": dict(data.description)}
         if validation is not None:
@@ -198,6 +87,9 @@ class Trainer:
         self.config, notes = prepare_run_dir(self.run_dir, config, run_info, override=override, write=self.is_chief)
         for note in notes:
             self.say(note)
+        tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
+        if self.is_chief and data.tokenizer is not None and not tokenizer_dir.exists():
+            data.tokenizer.save(tokenizer_dir)
         cfg = self.config.train
 
         replicas = self.strategy.num_replicas_in_sync
@@ -250,25 +142,18 @@ class Trainer:
         self.step = int(self.state.step.numpy())
         self.epoch = int(self.state.epoch.numpy())
         self.batch_in_epoch = int(self.state.batch_in_epoch.numpy())
-        # The compiled steps: one optimizer update / one evaluation of a distributed batch,
-        # each returning (cross-entropy sum, correct tokens, tokens). Benchmarks call them.
-        self.train_step = self._make_train_function()
-        self.eval_step = self._make_eval_function()
+        # The compiled steps (see .steps); benchmarks call them too.
+        self.train_step = build_train_step(self.model, self.optimizer, self.strategy, cfg, self.config.optim)
+        self.eval_step = build_eval_step(self.model, self.strategy, cfg.jit_compile)
         self._stop: str | None = None
         self._best_val = float(self.state.best_val_loss.numpy())
+        self._last_saved: int | None = self.resumed_from
+        self._last_path: str | None = self.checkpointer.latest
 
     # -- set-up --------------------------------------------------------------------------
     def say(self, text: str) -> None:
         """A line from the chief; printed above the progress bar while one is showing."""
-        if self.is_chief:
-            self._emit(text)
-
-    def _emit(self, text: str) -> None:
-        bar = getattr(self, "_bar", None)
-        if bar is not None and not bar.disable and self._log is _print_line:
-            bar.write(text, file=sys.stdout)
-        else:
-            self._log(text)
+        self.reporter.say(text)
 
     def _build_model(self, gpt2: str | Path | None, pretrained_backbone: bool) -> Captioner:
         """The captioner under the run's precision policy; on resume skip pretrained downloads."""
@@ -286,103 +171,124 @@ class Trainer:
     def learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
 
-    # -- the step ------------------------------------------------------------------------
-    def _make_train_function(self) -> Callable[[Any], tuple[Any, Any, Any]]:
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        cfg, optim = self.config.train, self.config.optim
-        accum = cfg.grad_accum_steps
-        loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-        variables = list(model.trainable_variables)
-        watched = [v.value for v in variables]  # the tf.Variables behind Keras' variables
-        replicas = strategy.num_replicas_in_sync
-        # XLA needs static shapes, so under jit_compile the head runs on every position.
-        gather_targets = not cfg.jit_compile
+    # -- the loop --------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train to the end (or to a signal); save; return what happened."""
+        cfg = self.config.train
+        restore_signals = self._install_signal_handlers()
+        self.reporter.open_progress(self.total_steps, self.step)
+        history: list[dict[str, Any]] = []
+        window = MetricWindow()
+        self.say(
+            f"training {self.run_dir}: {distribute.describe(self.strategy)}, {self.precision}, global batch {cfg.batch_size} "
+            f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
+            f"steps per epoch {self.steps_per_epoch or 'unknown'}, total steps {self.total_steps or 'unknown'}"
+        )
+        if self.resumed_from is not None:
+            self.reporter.forget_metrics_after(self.step)
+            self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
+        try:
+            while not self._finished() and self._stop is None:
+                if self._train_epoch(window, history):
+                    self._end_epoch()
+                    self._save_if_due()
+            if window.steps:
+                history.append(self._log_window(window))
+            trained = self.step != (self.resumed_from or 0)
+            validated_now = cfg.validate_every and self.step % cfg.validate_every == 0
+            if trained and self._stop is None and self.validation is not None and not validated_now:
+                history.append(self.validate())
+            if self._last_saved != self.step or self._stop is not None:
+                self.save()
+            if self._stop is not None:
+                self.say(f"{self._stop}: saved {self._last_path} at step {self.step}; rerun the same command to resume")
+        finally:
+            self.reporter.close()
+            restore_signals()
+        return TrainResult(self.run_dir, self.step, self.epoch, self._stop, history, self._last_path, self.resumed_from)
 
-        def micro_gradients(images: Any, token_ids: Any, mask: Any, denominator: Any) -> tuple[list[Any], Any, Any]:
-            inputs, targets, weights = next_token_split(token_ids, mask)
-            # Watch only what trains: frozen Keras layers keep tf.Variable(trainable=True)
-            # underneath, so an auto-watching tape would backpropagate through the whole
-            # frozen backbone for nothing.
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
-                tape.watch(watched)
-                if gather_targets:
-                    logits, targets, weights = logits_at_targets(model, images, inputs, targets, weights)
-                else:
-                    logits = model({"images": images, "token_ids": inputs}, training=True)
-                loss_sum, _ = masked_cross_entropy_sum(logits, targets, weights)
-                loss = loss_sum / denominator
-                if loss_scaled:
-                    loss = optimizer.scale_loss(loss)
-            grads = tape.gradient(loss, watched)
-            grads = [tf.zeros(v.shape, v.dtype) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
-            correct, _ = masked_correct_sum(tf.stop_gradient(logits), targets, weights)
-            return grads, loss_sum, correct
+    def _train_epoch(self, window: MetricWindow, history: list[dict[str, Any]]) -> bool:
+        """Step through the rest of the current epoch; True if it ended, False if the run did (or was stopped)."""
+        cfg = self.config.train
+        batches = iter(self._distributed_dataset(self.data, self.epoch, self.batch_in_epoch, shuffle=True))
+        while not self._finished() and self._stop is None:
+            if self._epoch_full():
+                break
+            optional = batches.get_next_as_optional()
+            if not bool(optional.has_value()):
+                break
+            window.add(self.train_step(optional.get_value()))
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.reporter.step_done()
+            if self.step % cfg.log_every == 0:
+                history.append(self._log_window(window))
+            if cfg.validate_every and self.step % cfg.validate_every == 0 and self.validation:
+                history.append(self.validate())
+            if self._epoch_full():
+                break  # saved (if due) after the epoch's bookkeeping, so a resume starts the next epoch
+            self._save_if_due()
+        else:
+            return False
+        _drain(batches)
+        return True
 
-        def gradients(batch: Mapping[str, Any], denominator: Any) -> tuple[list[Any], Any, Any]:
-            images, token_ids, mask = batch["images"], batch["token_ids"], batch["mask"]
-            if accum == 1:
-                return micro_gradients(images, token_ids, mask, denominator)
-            parts = [_split_micro(t, accum) for t in (images, token_ids, mask)]
-            zero = tf.constant(0.0)
-            acc = [tf.zeros(v.shape, v.dtype) for v in variables]
-            loss_sum, correct = zero, zero
-            for i in tf.range(accum):
-                grads, micro_loss, micro_correct = micro_gradients(*(tf.gather(p, i) for p in parts), denominator)
-                acc = [a + tf.cast(g, a.dtype) for a, g in zip(acc, grads)]
-                loss_sum += micro_loss
-                correct += micro_correct
-            return acc, loss_sum, correct
+    def _epoch_full(self) -> bool:
+        return self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch
 
-        # Keras layers need no AutoGraph (they run on backends that have none), and converting
-        # every layer's Python while tracing costs seconds; only the accumulation loop uses it.
-        compute = tf.function(gradients, jit_compile=cfg.jit_compile, reduce_retracing=True, autograph=accum > 1)
+    def _finished(self) -> bool:
+        cfg = self.config.train
+        if cfg.steps is not None and self.step >= cfg.steps:
+            return True
+        return cfg.epochs is not None and self.epoch >= cfg.epochs
 
-        def replica_step(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-            context = tf.distribute.get_replica_context()
-            tokens = tf.reduce_sum(tf.cast(batch["mask"][:, 1:], tf.float32))
-            if replicas > 1:
-                tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, tokens)
-            grads, loss_sum, correct = compute(batch, tf.maximum(tokens, 1.0))
-            if replicas > 1:
-                grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-                loss_sum, correct = context.all_reduce(tf.distribute.ReduceOp.SUM, [loss_sum, correct])
-            scale = optimizer.dynamic_scale if loss_scaled else 1.0
-            grads = clip_gradients(grads, optim.clipvalue, optim.global_clipnorm, scale=scale)
-            optimizer.apply(grads, variables)
-            return loss_sum, correct, tokens
+    def _end_epoch(self) -> None:
+        if self.data.skipped is not None:
+            skipped = self.data.skipped()
+            where = f" on worker {self.worker.index}" if self.worker.num_workers > 1 else ""
+            self.reporter.emit(
+                f"epoch {self.epoch + 1} done at step {self.step}: {skipped} sample(s) skipped{where} (unreadable or missing)"
+            )
+        else:
+            self.say(f"epoch {self.epoch + 1} done at step {self.step}")
+        self.epoch += 1
+        self.batch_in_epoch = 0
 
-        @tf.function(autograph=False)
-        def train_step(distributed_batch: Any) -> tuple[Any, Any, Any]:
-            outputs = strategy.run(replica_step, args=(distributed_batch,))
-            return tuple(strategy.experimental_local_results(x)[0] for x in outputs)
+    def _save_if_due(self) -> None:
+        if self.step % self.config.train.checkpoint_every == 0 and self._last_saved != self.step:
+            self.save()
 
-        return train_step
+    def save(self) -> str:
+        """Checkpoint now (every worker must call this together under multi-worker)."""
+        self.state.step.assign(self.step)
+        self.state.epoch.assign(self.epoch)
+        self.state.batch_in_epoch.assign(self.batch_in_epoch)
+        self.state.best_val_loss.assign(self._best_val)
+        self._last_path, self._last_saved = self.checkpointer.save(self.step), self.step
+        return self._last_path
 
-    def _make_eval_function(self) -> Callable[[Any], tuple[Any, Any, Any]]:
-        model, strategy = self.model, self.strategy
-        replicas = strategy.num_replicas_in_sync
+    def validate(self) -> dict[str, Any]:
+        """Loss and accuracy over ``train.validation_batches`` global batches of the validation data."""
+        if self.validation is None:
+            raise ValueError("no validation data was given")
+        batches = iter(self._distributed_dataset(self.validation, 0, 0, shuffle=False))
+        loss = correct = tokens = 0.0
+        for _ in range(self.config.train.validation_batches):
+            optional = batches.get_next_as_optional()
+            if not bool(optional.has_value()):
+                break
+            a, b, c = self.eval_step(optional.get_value())
+            loss, correct, tokens = loss + float(a), correct + float(b), tokens + float(c)
+        record = self.reporter.validation(step=self.step, loss=loss, correct=correct, tokens=tokens)
+        if self.is_chief and record["val_loss"] < self._best_val and tokens:
+            self._best_val = record["val_loss"]
+            self.checkpointer.export_best(self.config)
+        return record
 
-        def forward(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-            inputs, targets, weights = next_token_split(batch["token_ids"], batch["mask"])
-            logits = model({"images": batch["images"], "token_ids": inputs}, training=False)
-            loss_sum, tokens = masked_cross_entropy_sum(logits, targets, weights)
-            correct, _ = masked_correct_sum(logits, targets, weights)
-            return loss_sum, correct, tokens
-
-        compute = tf.function(forward, jit_compile=self.config.train.jit_compile, reduce_retracing=True, autograph=False)
-
-        def replica_eval(batch: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-            values = compute(batch)
-            if replicas > 1:
-                values = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, list(values))
-            return tuple(values)
-
-        @tf.function(autograph=False)
-        def eval_step(distributed_batch: Any) -> tuple[Any, Any, Any]:
-            outputs = strategy.run(replica_eval, args=(distributed_batch,))
-            return tuple(strategy.experimental_local_results(x)[0] for x in outputs)
-
-        return eval_step
+    def _log_window(self, window: MetricWindow) -> dict[str, Any]:
+        return self.reporter.training_window(
+            window, step=self.step, epoch=self.epoch, learning_rate=self.learning_rate, batch_size=self.config.train.batch_size
+        )
 
     # -- data ------------------------------------------------------------------------------
     def _distributed_dataset(self, source: DataSource, epoch: int, skip_steps: int, shuffle: bool) -> Any:
@@ -430,230 +336,6 @@ class Trainer:
 
         return restore
 
-    # -- the loop --------------------------------------------------------------------------
-    def fit(self) -> TrainResult:
-        cfg = self.config.train
-        restore_signals = self._install_signal_handlers()
-        writer = self._writer("train")
-        history: list[dict[str, Any]] = []
-        last_saved: int | None = self.resumed_from
-        last_path: str | None = self.checkpointer.latest
-        progress = self._bar = self._progress()
-        window = _Window()
-        self.say(
-            f"training {self.run_dir}: {distribute.describe(self.strategy)}, {self.precision}, global batch {cfg.batch_size} "
-            f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
-            f"steps per epoch {self.steps_per_epoch or 'unknown'}, total steps {self.total_steps or 'unknown'}"
-        )
-        if self.resumed_from is not None:
-            self._forget_metrics_after(self.step)
-            self._append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
-        try:
-            while not self._finished() and self._stop is None:
-                iterator = iter(self._distributed_dataset(self.data, self.epoch, self.batch_in_epoch, shuffle=True))
-                epoch_done = False
-                while not self._finished() and self._stop is None:
-                    if self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch:
-                        epoch_done = True
-                        break
-                    optional = iterator.get_next_as_optional()
-                    if not bool(optional.has_value()):
-                        epoch_done = True
-                        break
-                    window.add(self.train_step(optional.get_value()))
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    progress.update(1)
-                    if self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch:
-                        epoch_done = True
-                    if self.step % cfg.log_every == 0:
-                        history.append(self._log_window(window, writer, progress))
-                    if cfg.validate_every and self.step % cfg.validate_every == 0 and self.validation:
-                        history.append(self.validate())
-                    if epoch_done:
-                        break
-                    if self.step % cfg.checkpoint_every == 0:
-                        last_path, last_saved = self.save(), self.step
-                if epoch_done:
-                    _drain(iterator)
-                    self._end_epoch()
-                    if self.step % cfg.checkpoint_every == 0 and last_saved != self.step:
-                        last_path, last_saved = self.save(), self.step
-            if window.steps:
-                history.append(self._log_window(window, writer, progress))
-            trained = self.step != (self.resumed_from or 0)
-            if trained and self._stop is None and self.validation is not None and (
-                not cfg.validate_every or self.step % cfg.validate_every
-            ):
-                history.append(self.validate())
-            if last_saved != self.step or self._stop is not None:
-                last_path, last_saved = self.save(), self.step
-            if self._stop is not None:
-                self.say(f"{self._stop}: saved {last_path} at step {self.step}; rerun the same command to resume")
-        finally:
-            progress.close()
-            self._bar = None
-            restore_signals()
-            writer.flush()
-        return TrainResult(self.run_dir, self.step, self.epoch, self._stop, history, last_path, self.resumed_from)
-
-    def _finished(self) -> bool:
-        cfg = self.config.train
-        if cfg.steps is not None and self.step >= cfg.steps:
-            return True
-        return cfg.epochs is not None and self.epoch >= cfg.epochs
-
-    def _end_epoch(self) -> None:
-        if self.data.skipped is not None:
-            skipped = self.data.skipped()
-            where = f" on worker {self.worker.index}" if self.worker.num_workers > 1 else ""
-            self._emit(f"epoch {self.epoch + 1} done at step {self.step}: {skipped} sample(s) skipped{where} (unreadable or missing)")
-        else:
-            self.say(f"epoch {self.epoch + 1} done at step {self.step}")
-        self.epoch += 1
-        self.batch_in_epoch = 0
-
-    def save(self) -> str:
-        """Checkpoint now (every worker must call this together under multi-worker)."""
-        self.state.step.assign(self.step)
-        self.state.epoch.assign(self.epoch)
-        self.state.batch_in_epoch.assign(self.batch_in_epoch)
-        self.state.best_val_loss.assign(self._best_val)
-        return self.checkpointer.save(self.step)
-
-    def validate(self) -> dict[str, Any]:
-        """Loss and accuracy over ``train.validation_batches`` global batches of the validation data."""
-        if self.validation is None:
-            raise ValueError("no validation data was given")
-        iterator = iter(self._distributed_dataset(self.validation, 0, 0, shuffle=False))
-        loss = correct = tokens = 0.0
-        for _ in range(self.config.train.validation_batches):
-            optional = iterator.get_next_as_optional()
-            if not bool(optional.has_value()):
-                break
-            a, b, c = self.eval_step(optional.get_value())
-            loss, correct, tokens = loss + float(a), correct + float(b), tokens + float(c)
-        record = {
-            "step": self.step,
-            "val_loss": loss / max(tokens, 1.0),
-            "val_accuracy": correct / max(tokens, 1.0),
-            "val_tokens": tokens,
-        }
-        writer = self._writer("val")
-        with writer.as_default(step=self.step):
-            write_scalar("loss", record["val_loss"])
-            write_scalar("accuracy", record["val_accuracy"])
-        writer.flush()
-        self._append_metrics(record)
-        self.say(f"step {self.step}: validation loss {record['val_loss']:.4f}, accuracy {record['val_accuracy']:.3f}")
-        if self.is_chief and record["val_loss"] < self._best_val and tokens:
-            self._best_val = record["val_loss"]
-            self.checkpointer.export_best(self.config)
-        return record
-
-    # -- reporting -------------------------------------------------------------------------
-    def _progress(self) -> Any:
-        from tqdm.auto import tqdm
-
-        return tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            unit="step",
-            desc="train",
-            disable=not (self.show_progress and self.is_chief),
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-
-    def _writer(self, name: str) -> Any:
-        if not hasattr(self, "_writers"):
-            self._writers: dict[str, Any] = {}
-        if name not in self._writers:
-            if self.is_chief:
-                self._writers[name] = tf.summary.create_file_writer(str(self.run_dir / "logs" / name))
-            else:
-                self._writers[name] = tf.summary.create_noop_writer()
-        return self._writers[name]
-
-    def _log_window(self, window: _Window, writer: Any, progress: Any) -> dict[str, Any]:
-        loss, correct, tokens = window.totals()  # waits for the window's last step
-        elapsed = max(time.perf_counter() - window.start, 1e-9)
-        record = {
-            "step": self.step,
-            "epoch": self.epoch,
-            "loss": loss / max(tokens, 1.0),
-            "accuracy": correct / max(tokens, 1.0),
-            "learning_rate": self.learning_rate,
-            "images_per_sec": window.steps * self.config.train.batch_size / elapsed,
-            "tokens": tokens,
-        }
-        with writer.as_default(step=self.step):
-            for key in ("loss", "accuracy", "learning_rate", "images_per_sec"):
-                write_scalar(key, record[key])
-        progress.set_postfix(
-            loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", img_s=f"{record['images_per_sec']:.1f}"
-        )
-        self._append_metrics(record)
-        window.reset()
-        return record
-
-    def _forget_metrics_after(self, step: int) -> None:
-        """Drop log lines of steps a killed run took after its last checkpoint: they are replayed now."""
-        path = self.run_dir / "metrics.jsonl"
-        if not self.is_chief or not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            if record.get("step", 0) <= step:
-                kept.append(line)
-        partial = path.with_name(".metrics.jsonl.partial")
-        partial.write_text("".join(line + "\n" for line in kept))
-        partial.replace(path)
-
-    def _append_metrics(self, record: Mapping[str, Any]) -> None:
-        if self.is_chief:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
-                handle.write(json.dumps(dict(record)) + "\n")
-
-
-def resolve_output_vocabulary(config: CaptionerConfig, data: DataSource) -> CaptionerConfig:
-    """``model.output_vocabulary: captions`` -> the sorted ids of the training captions (EOS included).
-
-    Resolved before the run folder is written, so config.yaml (and every model loaded
-    from it) holds the explicit list, and a resume on the same data resolves the same.
-    """
-    if config.model.output_vocabulary != "captions":
-        return config
-    if data.vocabulary is None:
-        raise ValueError(
-            "model.output_vocabulary 'captions' needs captions it can read up front (a CSV or COCO source); "
-            "for shards give the list of token ids"
-        )
-    vocab = config.gpt2.vocab_size
-    ids = sorted(i for i in data.vocabulary() if i < vocab)
-    return config.replace(model={"output_vocabulary": ids})
-
-
-def logits_at_targets(model: Captioner, images: Any, inputs: Any, targets: Any, weights: Any) -> tuple[Any, Any, Any]:
-    """Logits ``[N, V]`` for the N positions that have a target, with their targets and weights.
-
-    The LM head over GPT-2's 50k-token vocabulary is the largest matmul of a small captioner,
-    and padding positions (often half of a batch of captions) need none of it: the hidden
-    states are gathered first, so the head, the softmax and their gradients cover only
-    the real tokens. Same loss and gradients as the full head, less work. With a
-    restricted output vocabulary the logits stay compact and the targets are mapped to
-    their columns (the loss is the same as over all V, where excluded ids add exp(-1e9) = 0).
-    """
-    hidden = model.hidden_states({"images": images, "token_ids": inputs}, training=True)
-    where = tf.where(weights > 0)
-    logits = model.decoder.head(tf.gather_nd(hidden, where)[tf.newaxis], compact=True)[0]
-    targets = model.decoder.compact_targets(tf.gather_nd(targets, where))
-    return logits, targets, tf.gather_nd(weights, where)
-
 
 def _drain(iterator: Any, limit: int = 64) -> None:
     """Read what is left of an epoch (less than a global batch) so skip counts are final.
@@ -667,45 +349,6 @@ def _drain(iterator: Any, limit: int = 64) -> None:
             return
 
 
-def _print_line(text: str) -> None:
-    print(text, flush=True)
-
-
-def write_scalar(tag: str, value: float) -> None:
-    """A TensorBoard scalar at the default writer's step, without importing TensorBoard.
-
-    ``tf.summary.scalar`` lives in the tensorboard package, which TensorFlow no longer
-    installs; the event written here (a float32 scalar tagged for the "scalars" plugin) is
-    the one it would write, so TensorBoard shows it when installed to view the logs.
-    """
-    from tensorflow.core.framework import summary_pb2
-
-    metadata = summary_pb2.SummaryMetadata(
-        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"),
-        data_class=summary_pb2.DATA_CLASS_SCALAR,
-    )
-    tf.summary.write(tag, tf.constant(value, tf.float32), metadata=metadata)
-
-
-def _split_micro(tensor: Any, parts: int) -> Any:
-    """``[B, ...]`` -> ``[parts, B/parts, ...]``, zero-padding B up to a multiple of ``parts``.
-
-    Padded rows have mask 0, so they add nothing to loss or gradients; they only appear
-    when a final batch is short.
-    """
-    batch = tf.shape(tensor)[0]
-    static = tensor.shape[0]
-    if static is None or static % parts:
-        pad = (-batch) % parts
-        paddings = tf.concat(
-            [tf.reshape(tf.stack([0, pad]), [1, 2]), tf.zeros([tf.rank(tensor) - 1, 2], tf.int32)], axis=0
-        )
-        tensor = tf.pad(tensor, paddings)
-        batch = batch + pad
-    rest = tf.shape(tensor)[1:]
-    return tf.reshape(tensor, tf.concat([[parts, batch // parts], rest], axis=0))
-
-
 def train(
     config: CaptionerConfig | str | Path,
     run_dir: str | Path,
@@ -716,4 +359,3 @@ def train(
     if not isinstance(config, CaptionerConfig):
         config = CaptionerConfig.load(config)
     return Trainer(config, run_dir, data, **kwargs).fit()
-

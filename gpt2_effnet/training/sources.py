@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CaptionerConfig
-from .loop import DataRequest, DataSource
+from .data_source import DataRequest, DataSource
 
 
 def make_tokenizer(config: CaptionerConfig, tokenizer_dir: str | os.PathLike | None = None) -> Any:
@@ -77,9 +77,11 @@ class _EpochSkips:
         return 0 if self.current is None else int(self.current.skipped)
 
 
-def _pipeline_kwargs(config: CaptionerConfig, request: DataRequest, training: bool, skips: _EpochSkips) -> dict[str, Any]:
-    """What every pipeline is told for one epoch on one worker (one finite pass, fresh skip count)."""
-    return dict(
+def pipeline_spec(config: CaptionerConfig, request: DataRequest, training: bool) -> Any:
+    """What every pipeline is told for one epoch on one worker: one finite pass."""
+    from ..data.pipeline import PipelineSpec
+
+    return PipelineSpec(
         image_size=config.model.image_size,
         max_length=config.model.max_caption_length,
         batch_size=request.batch_size,
@@ -89,7 +91,7 @@ def _pipeline_kwargs(config: CaptionerConfig, request: DataRequest, training: bo
         shard_index=request.shard_index,
         repeat=False,
         drop_remainder=training,
-        skips=skips.fresh(),
+        shuffle_buffer=max(config.train.shuffle_buffer, 1),
     )
 
 
@@ -109,11 +111,11 @@ def caption_source(
 
     captions = read_captions(csv, coco, images, image_column, caption_column)
     print(captions.summary(), flush=True)
-    tokenizer = _TokenizeOnce(tokenizer)
+    plain_tokenizer, tokenizer = tokenizer, _TokenizeOnce(tokenizer)
     skips = _EpochSkips()
 
     def make(request: DataRequest) -> Any:
-        return caption_dataset(captions, tokenizer, **_pipeline_kwargs(config, request, training, skips))
+        return caption_dataset(captions, tokenizer, pipeline_spec(config, request, training), skips=skips.fresh())
 
     description = {
         "kind": "coco" if coco is not None else "csv",
@@ -131,7 +133,7 @@ def caption_source(
         return {int(i) for i in np.unique(ids[mask.astype(bool)])}
 
     return DataSource(make, num_examples=len(captions.existing()), skipped=skips.count, description=description,
-                      vocabulary=vocabulary)
+                      vocabulary=vocabulary, tokenizer=plain_tokenizer)
 
 
 def shard_source(
@@ -158,15 +160,14 @@ def shard_source(
     skips = _EpochSkips()
 
     def make(request: DataRequest) -> Any:
-        kwargs = _pipeline_kwargs(config, request, training, skips)
-        kwargs["shuffle_buffer"] = max(config.train.shuffle_buffer, 1)
+        spec = pipeline_spec(config, request, training)
         if loader == "dali":
             from ..data.dali import dali_dataset
 
-            return dali_dataset(shards, tokenizer, **kwargs)
+            return dali_dataset(shards, tokenizer, spec, skips=skips.fresh())
         from ..data.wds import wds_dataset
 
-        return wds_dataset(shards, tokenizer, **kwargs)
+        return wds_dataset(shards, tokenizer, spec, skips=skips.fresh())
 
     return DataSource(
         make,
@@ -174,4 +175,5 @@ def shard_source(
         skipped=skips.count,
         # The loader is left out: DALI and tf.data read the same samples, so a resume may switch.
         description={"kind": "shards", "pattern": shards if isinstance(shards, str) else list(shards)},
+        tokenizer=tokenizer,
     )

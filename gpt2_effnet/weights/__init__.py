@@ -4,7 +4,7 @@ Every reader maps its file's names to the decoder's canonical names through an e
 table; loading is strict by default and never unpickles anything.
 """
 
-from .common import LoadReport, ShapeMismatch, WeightLoadError, canonical_names, expected_shapes
+from .common import LoadReport, ShapeMismatch, WeightLoadError, expected_shapes
 from .loader import FORMATS, WeightFormatError, detect_format, load_gpt2, load_into, open_reader, read_weights, resolve
 from .native import save_native
 
@@ -14,7 +14,6 @@ __all__ = [
     "ShapeMismatch",
     "WeightFormatError",
     "WeightLoadError",
-    "canonical_names",
     "detect_format",
     "expected_shapes",
     "load_gpt2",

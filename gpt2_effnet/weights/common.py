@@ -20,25 +20,13 @@ from typing import Any, ClassVar, Iterable, Mapping
 import numpy as np
 
 from ..config import GPT2Config
+from ..gpt2 import BLOCK_PARAMETERS, GLOBAL_PARAMETERS, parameter_shapes
 
 logger = logging.getLogger("gpt2_effnet.weights")
 
-# Parameters of one block, in canonical (Hugging Face) spelling, after the "h.{i}." prefix.
-BLOCK_PARAMS: tuple[str, ...] = (
-    "ln_1.weight",
-    "ln_1.bias",
-    "attn.c_attn.weight",
-    "attn.c_attn.bias",
-    "attn.c_proj.weight",
-    "attn.c_proj.bias",
-    "ln_2.weight",
-    "ln_2.bias",
-    "mlp.c_fc.weight",
-    "mlp.c_fc.bias",
-    "mlp.c_proj.weight",
-    "mlp.c_proj.bias",
-)
-GLOBAL_PARAMS: tuple[str, ...] = ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")
+# The canonical names, from the decoder's one list of its pretrained parameters.
+BLOCK_PARAMS: tuple[str, ...] = tuple(BLOCK_PARAMETERS)
+GLOBAL_PARAMS: tuple[str, ...] = tuple(GLOBAL_PARAMETERS)
 
 _BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
 
@@ -46,40 +34,9 @@ _BLOCK_NAME = re.compile(r"^h\.(\d+)\.(.+)$")
 _MAX_LISTED = 25
 
 
-def canonical_names(n_layer: int) -> list[str]:
-    names = list(GLOBAL_PARAMS)
-    for i in range(n_layer):
-        names += [f"h.{i}.{suffix}" for suffix in BLOCK_PARAMS]
-    return names
-
-
 def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     """Shape of every canonical tensor of a plain GPT-2 with this config."""
-    width = config.n_embd
-    shapes: dict[str, tuple[int, ...]] = {
-        "wte.weight": (config.vocab_size, width),
-        "wpe.weight": (config.n_positions, width),
-        "ln_f.weight": (width,),
-        "ln_f.bias": (width,),
-    }
-    per_block = {
-        "ln_1.weight": (width,),
-        "ln_1.bias": (width,),
-        "attn.c_attn.weight": (width, 3 * width),
-        "attn.c_attn.bias": (3 * width,),
-        "attn.c_proj.weight": (width, width),
-        "attn.c_proj.bias": (width,),
-        "ln_2.weight": (width,),
-        "ln_2.bias": (width,),
-        "mlp.c_fc.weight": (width, 4 * width),
-        "mlp.c_fc.bias": (4 * width,),
-        "mlp.c_proj.weight": (4 * width, width),
-        "mlp.c_proj.bias": (width,),
-    }
-    for i in range(config.n_layer):
-        for suffix in BLOCK_PARAMS:
-            shapes[f"h.{i}.{suffix}"] = per_block[suffix]
-    return shapes
+    return parameter_shapes(config)
 
 
 def split_block_name(canonical: str) -> tuple[int | None, str]:
@@ -262,8 +219,6 @@ class WeightReader:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def describe(self) -> str:
-        return f"{self.format} weights at {self.path}"
 
 
 @dataclass

@@ -6,14 +6,12 @@ goes the other way, to a folder Hugging Face ``from_pretrained`` opens.
 
 from __future__ import annotations
 
-import argparse
 import shutil
-import sys
 from pathlib import Path
 
 from .common import LoadReport
-from .loader import FORMATS, load_gpt2
-from .native import CONFIG_FILE, WEIGHTS_FILE, save_native
+from .loader import load_gpt2
+from .native import WEIGHTS_FILE, save_native
 
 # Tokenizer files travel with the weights, so the output folder is self-contained.
 TOKENIZER_FILES: tuple[str, ...] = (
@@ -60,30 +58,3 @@ def convert(
         if (src_dir / name).is_file() and src_dir.resolve() != out.resolve():
             shutil.copyfile(src_dir / name, out / name)
     return report, written
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a GPT-2 folder (HF safetensors / tf_model.h5, OpenAI checkpoint, ours) or file")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--to",
-        choices=TARGETS,
-        default="native",
-        help=f"native: {CONFIG_FILE} + {WEIGHTS_FILE} (default); safetensors: Hugging Face layout",
-    )
-    parser.add_argument("--format", choices=FORMATS, default=None, help="source format (default: detected)")
-    parser.add_argument("--no-strict", action="store_true", help="convert what matches; report the rest")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        report, written = convert(
-            args.src, args.out, to=args.to, format=args.format, strict=not args.no_strict, overwrite=args.force
-        )
-    except (ValueError, OSError) as err:  # WeightLoadError and ConfigError are ValueErrors
-        print(f"gpt2-effnet convert: error: {err}", file=sys.stderr)
-        return 1
-    print(report)
-    print(f"wrote {written}")
-    return 0

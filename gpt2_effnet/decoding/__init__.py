@@ -12,14 +12,14 @@ from __future__ import annotations
 from gpt2_effnet._lazy import lazy_exports
 
 _EXPORTS = {
-    "DecodeModel": "gpt2_effnet.samplers.base",
-    "GenerationConfig": "gpt2_effnet.samplers.base",
-    "GenerationOutput": "gpt2_effnet.samplers.base",
-    "caption_strings": "gpt2_effnet.samplers.api",
-    "cut_at_eos": "gpt2_effnet.samplers.api",
-    "generate": "gpt2_effnet.samplers.api",
-    "generate_captions": "gpt2_effnet.samplers.api",
-    "make_config": "gpt2_effnet.samplers.api",
+    "DecodeModel": "gpt2_effnet.decoding.base",
+    "GenerationConfig": "gpt2_effnet.decoding.base",
+    "GenerationOutput": "gpt2_effnet.decoding.base",
+    "caption_strings": "gpt2_effnet.decoding.api",
+    "cut_at_eos": "gpt2_effnet.decoding.api",
+    "generate": "gpt2_effnet.decoding.api",
+    "generate_captions": "gpt2_effnet.decoding.api",
+    "make_config": "gpt2_effnet.decoding.api",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .distribute import STRATEGIES
+from ..training.distribute import STRATEGIES
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) buries the run's own lines.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -107,12 +107,12 @@ def _tokenizer_dir(args: argparse.Namespace) -> str | None:
 
 def build_trainer(args: argparse.Namespace) -> Any:
     """Everything ``main`` does short of training: the strategy, data, model, restored state."""
-    from . import distribute
+    from ..training import distribute
 
     # The strategy first: MultiWorkerMirroredStrategy must set up collectives before any other TF work.
     strategy = distribute.make_strategy(args.strategy)
-    from .loop import Trainer
-    from .sources import caption_source, make_tokenizer, shard_source
+    from ..training.loop import Trainer
+    from ..training.sources import caption_source, make_tokenizer, shard_source
 
     config = build_config(args)
     tokenizer = make_tokenizer(config, _tokenizer_dir(args))
@@ -146,7 +146,7 @@ def build_trainer(args: argparse.Namespace) -> Any:
 def main(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..data.captions import CaptionFileError
-    from .checkpoints import RunConfigMismatch
+    from ..training.checkpoints import RunConfigMismatch
 
     try:
         trainer = build_trainer(args)

@@ -1,6 +1,6 @@
 """The one backend-specific corner of the samplers: how a whole decode loop gets compiled.
 
-Everything else in ``gpt2_effnet.samplers`` is written with ``keras.ops`` only. Compiling
+Everything else in ``gpt2_effnet.decoding`` is written with ``keras.ops`` only. Compiling
 the *whole* loop (prefill, every step, beam bookkeeping) into one program is what removes
 the per-step Python and host round-trips that made the seed's beam search slow.
 """

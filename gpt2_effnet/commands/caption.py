@@ -1,9 +1,7 @@
 """``gpt2-effnet caption``: caption image files or folders with a trained captioner.
 
-Images are decoded with Pillow (not TensorFlow), so captioning works on any Keras backend.
-They are resized straight to the model's square input with Pillow's bilinear filter, which
-antialiases when shrinking, like the training pipeline's ``tf.image.resize(antialias=True)``.
-A file that cannot be read is named on stderr and skipped; the others are still captioned.
+Images are read by :mod:`gpt2_effnet.image_input`. A file that cannot be read is named on
+stderr and skipped; the others are still captioned.
 """
 
 from __future__ import annotations
@@ -13,11 +11,11 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from ..image_input import caption_files, find_images
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,64 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla", action="store_true",
                         help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
     parser.add_argument("--out", default=None, help="output .jsonl or .csv (default: JSON lines on stdout)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: RUN_DIR/tokenizer, else GPT-2's)")
-
-
-def find_images(inputs: Iterable[str], recursive: bool = False) -> list[Path]:
-    """Files named on the command line (whatever their suffix) plus image files in folders."""
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            pattern = "**/*" if recursive else "*"
-            found += sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"{item}: no such file or folder")
-    return found
-
-
-def caption_paths(
-    paths: Sequence[Any], image_size: int, batch_size: int, caption_fn: Callable[[np.ndarray], list[str]]
-) -> Iterator[tuple[Any, str | None, str | None]]:
-    """Caption image files in batches: yields ``(path, caption, None)`` or ``(path, None, reason)``.
-
-    An unreadable file is reported and skipped; the rest of its batch goes on. A short batch
-    is padded to ``batch_size`` (with copies of its last image) so a compiled decoder is not
-    traced again for the odd size.
-    """
-    from tqdm import tqdm
-
-    with tqdm(total=len(paths), unit="img", desc="captioning", file=sys.stderr) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start : start + batch_size]
-            good, pixels = [], []
-            for path in chunk:
-                try:
-                    pixels.append(read_image(Path(path), image_size))
-                    good.append(path)
-                except Exception as err:  # any decoder failure is a per-file skip, reported to the caller
-                    reason = f"{type(err).__name__}: {err}"
-                    tqdm.write(f"skipping unreadable image {path}: {reason}", file=sys.stderr)
-                    yield path, None, reason
-            if pixels:
-                images = np.stack(pixels)
-                if len(images) < batch_size and len(paths) > batch_size:
-                    filler = np.repeat(images[-1:], batch_size - len(images), axis=0)
-                    images = np.concatenate([images, filler])
-                for path, caption in zip(good, caption_fn(images)):
-                    yield path, caption, None
-            bar.update(len(chunk))
-
-
-def read_image(path: Path, image_size: int) -> np.ndarray:
-    """RGB float32 ``[S, S, 3]`` in 0..255; raises on anything Pillow cannot decode."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.float32)
+    parser.add_argument("--tokenizer", default=None, help="vocabulary folder (default: the one training saved in RUN_DIR/tokenizer, else GPT-2's)")
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -144,16 +85,16 @@ class _Writer:
 def _load_tokenizer(args: argparse.Namespace, num_special_tokens: int) -> Any:
     from ..tokenizer import GPT2Tokenizer
 
-    folder = Path(args.tokenizer) if args.tokenizer else Path(args.checkpoint) / "tokenizer"
-    if args.tokenizer or folder.is_dir():
-        return GPT2Tokenizer.from_pretrained(folder, num_special_tokens=num_special_tokens)
-    return GPT2Tokenizer.default(num_special_tokens=num_special_tokens)
+    if args.tokenizer:
+        return GPT2Tokenizer.from_pretrained(args.tokenizer, num_special_tokens=num_special_tokens)
+    checkpoint = Path(args.checkpoint)
+    return GPT2Tokenizer.for_run(checkpoint if checkpoint.is_dir() else checkpoint.parent, num_special_tokens)
 
 
 def main(args: argparse.Namespace) -> int:
     from ..captioner import Captioner
     from ..config import CaptionerConfig
-    from .api import caption_strings
+    from ..decoding import caption_strings
 
     if args.batch_size < 1:
         print("gpt2-effnet caption: --batch-size must be >= 1", file=sys.stderr)
@@ -201,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
     stream = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
     try:
         writer = _Writer(stream, out_format)
-        for path, caption, error in caption_paths(paths, size, args.batch_size, captions_for):
+        for path, caption, error in caption_files(paths, size, args.batch_size, captions_for):
             if error is not None:
                 bad.append((path, error))
                 continue

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _caption_all(model: Any, images: np.ndarray, tokenizer: Any, desc: str, batch: int = 64, **kwargs: Any) -> list[str]:
     from tqdm import tqdm
 
-    from .samplers import caption_strings
+    from ..decoding import caption_strings
 
     texts: list[str] = []
     for start in tqdm(range(0, len(images), batch), desc=desc, unit="batch"):
@@ -50,7 +50,7 @@ CHANCE = {"colour": 1 / 6, "shape": 1 / 5, "count": 1 / 3, "size": 1 / 2, "posit
 
 def attribute_table(beam: dict[str, float], sampled: dict[str, float], beams: int, top_p: float) -> str:
     """The held-out attribute accuracies as a small table beside chance."""
-    lines = [f"[demo] what the captions say vs what was drawn (held-out accuracy):",
+    lines = ["[demo] what the captions say vs what was drawn (held-out accuracy):",
              f"         {'attribute':10s} {'beam K=' + str(beams):>10s} {'nucleus':>10s} {'chance':>8s}"]
     for name, level in CHANCE.items():
         lines.append(f"         {name:10s} {beam[name]:10.3f} {sampled[name]:10.3f} {level:8.2f}")
@@ -58,14 +58,14 @@ def attribute_table(beam: dict[str, float], sampled: dict[str, float], beams: in
 
 
 def main(args: argparse.Namespace) -> int:
-    from .captioner import Captioner
-    from .config import CaptionerConfig
-    from .data.synthetic import attribute_accuracy, read_metadata, write_synthetic
-    from .evaluation import score_captions
-    from .plots import caption_grid, loss_curve
-    from .samplers.cli import read_image
-    from .training.loop import train
-    from .training.sources import caption_source, make_tokenizer
+    from ..captioner import Captioner
+    from ..config import CaptionerConfig
+    from ..data.synthetic import attribute_accuracy, read_metadata, write_synthetic
+    from ..evaluation import score_captions
+    from ..image_input import read_image
+    from ..plots import caption_grid, loss_curve
+    from ..training.loop import train
+    from ..training.sources import caption_source, make_tokenizer
 
     out = Path(args.out)
     config = CaptionerConfig.load(args.config)

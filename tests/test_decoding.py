@@ -14,11 +14,11 @@ import pytest
 from keras import ops
 
 from gpt2_effnet.captioner import Captioner
-from gpt2_effnet.config import CaptionerConfig, GPT2Config
+from gpt2_effnet.config import GPT2Config
 from gpt2_effnet.gpt2 import GPT2Decoder
-from gpt2_effnet.samplers import DecodeModel, GenerationConfig, generate, generate_captions
-from gpt2_effnet.samplers.processors import banned_ngram_tokens, top_k_filter, top_p_filter
-from gpt2_effnet.samplers.sampling import sample_tokens
+from gpt2_effnet.decoding import DecodeModel, GenerationConfig, generate, generate_captions
+from gpt2_effnet.decoding.processors import banned_ngram_tokens, top_k_filter, top_p_filter
+from gpt2_effnet.decoding.sampling import sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,18 +117,11 @@ def test_cached_step_equals_full_forward_plain_decoder(rng) -> None:
     _check_cached_steps(decoder, rng.integers(0, 11, (3, 9)))
 
 
-def tiny_captioner(vocab_size: int = 23, **model) -> Captioner:
-    config = CaptionerConfig.from_dict({
-        "gpt2": {"vocab_size": vocab_size, "n_positions": 16, "n_embd": 16, "n_layer": 2, "n_head": 2},
-        "model": {"backbone": "efficientnetb0", "image_size": 64, "encoder_layers": 1, "encoder_heads": 2,
-                  "cross_attention": "ungated", "num_special_tokens": 1, "max_caption_length": 8, **model},
-    })
-    return Captioner(config)
-
-
 @pytest.fixture(scope="module")
-def captioner() -> Captioner:
-    model = tiny_captioner()
+def captioner(tiny_config) -> Captioner:
+    """The kit's tiny captioner with 23 token ids and a 64 px image (a 2 x 2 feature map)."""
+    model = Captioner(tiny_config(gpt2={"vocab_size": 23, "n_positions": 16, "n_embd": 16},
+                                  model={"image_size": 64, "max_caption_length": 8}))
     rng = np.random.default_rng(5)
     for variable in model.decoder.weights:
         variable.assign(rng.normal(0.0, 0.4, variable.shape).astype("float32"))
@@ -215,7 +208,7 @@ def _nucleus_sizes(logits: np.ndarray, p: float) -> list[int]:
 
 
 def test_top_p_filter_keeps_the_minimal_set_reaching_p(rng) -> None:
-    from gpt2_effnet.samplers.processors import TOP_P_SHORTLIST
+    from gpt2_effnet.decoding.processors import TOP_P_SHORTLIST
 
     cases = {
         "small vocabulary": rng.normal(0, 2, (6, 40)),
@@ -293,7 +286,7 @@ TORCH_SCRIPT = textwrap.dedent(
         import keras
         from gpt2_effnet.captioner import Captioner
         from gpt2_effnet.config import CaptionerConfig
-        from gpt2_effnet.samplers import generate_captions, DecodeModel
+        from gpt2_effnet.decoding import generate_captions, DecodeModel
 
         assert keras.backend.backend() == "torch"
         config = CaptionerConfig.from_dict({
@@ -333,6 +326,7 @@ def torch_run(tmp_path_factory):
         process.wait()
 
 
+@pytest.mark.slow
 def test_torch_backend_captions_without_tensorflow(torch_run) -> None:
     process, log = torch_run
     process.wait(timeout=300)

@@ -1,0 +1,67 @@
+"""Files that appear whole or not at all.
+
+Every output a command writes goes to a temporary file beside its destination and is
+renamed over it only when complete: a crash, a Ctrl-C or a full disk leaves the previous
+file (or nothing) in place, never a truncated one. Temporary names start with ``.`` and
+end with ``.partial`` so a later run can recognise and remove leftovers of killed ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: object) -> Iterator[IO]:
+    """``with atomic_write("out.jsonl") as f: ...``: ``out.jsonl`` is replaced only if the block succeeds."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{target}: the folder {folder} does not exist")
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a folder; give a file name")
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=folder)
+    os.close(handle)
+    try:
+        with open(temporary, mode, **open_kwargs) as stream:  # type: ignore[call-overload]
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def check_writable(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Fail now, before any work, if ``path`` cannot be written as an output file."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{what} {target}: is a folder; give a file name")
+    if not folder.is_dir():
+        raise ValueError(f"{what} {target}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {target}: the folder {folder} is not writable")
+    return target
+
+
+def remove_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete ``*.partial`` leftovers of killed writers directly inside ``folder``; returns what was removed."""
+    removed = []
+    for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        removed.append(path)
+    return removed
