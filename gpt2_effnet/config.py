@@ -8,6 +8,7 @@ a typo in a YAML file should fail in the first second, not after an hour of trai
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import os
 import types
@@ -265,6 +266,13 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     shuffle_buffer: int = 2048  # 0 = no shuffling (data order as listed)
+    # Stop when more than this share of the samples read so far were unreadable or missing
+    # (checked at log lines once 200 samples were read): a wrong image folder should not
+    # train for days on what is left.
+    max_skip_rate: float = 0.1
+    # Images with more pixels than this are skipped (counted) from their header, before any
+    # decoding: Pillow's own decompression-bomb limit by default.
+    max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "float32", "mixed_bfloat16", "mixed_float16"):
@@ -279,6 +287,7 @@ class TrainConfig:
             "keep_checkpoints",
             "log_every",
             "validation_batches",
+            "max_image_pixels",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)!r}")
@@ -294,6 +303,8 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must be divisible by "
                 f"train.grad_accum_steps ({self.grad_accum_steps})"
             )
+        if not 0.0 <= self.max_skip_rate <= 1.0:
+            raise ConfigError(f"train.max_skip_rate must be in [0, 1], got {self.max_skip_rate!r}")
 
 
 @dataclass(frozen=True)
@@ -305,6 +316,16 @@ class CaptionerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        for section in ("gpt2", "model", "trainable", "optim", "train"):
+            for item in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), item.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section}.{item.name} must be a finite number, got {value!r}")
+        if self.model.max_caption_length > self.gpt2.n_positions:
+            raise ConfigError(
+                f"model.max_caption_length ({self.model.max_caption_length}) must be <= gpt2.n_positions "
+                f"({self.gpt2.n_positions}): GPT-2 has no position embedding beyond that"
+            )
         vocab = self.model.output_vocabulary
         if isinstance(vocab, list) and max(vocab) >= self.gpt2.vocab_size:
             raise ConfigError(

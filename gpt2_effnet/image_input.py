@@ -1,47 +1,104 @@
-"""Image files in, pixels out: the one reader used by caption, evaluate and the demo.
+"""Image files in, pixels out: the one reader used by caption, evaluate, the demo and serving.
 
-Pillow decodes (not TensorFlow), so captioning works on any Keras backend. Images are
-resized straight to the model's square input with Pillow's bilinear filter, which
-antialiases when shrinking, like the training pipeline's ``tf.image.resize(antialias=True)``.
+Pillow decodes (not TensorFlow), so captioning works on any Keras backend. Every odd
+format comes out as the training pipeline's TensorFlow decoder gives it: 16-bit images
+scaled to 8 bits (not clipped to white), palettes expanded, alpha dropped (not
+composited), grayscale copied to three channels; tests/test_reliability.py compares the
+two readers pixel for pixel. Images larger than ``max_pixels`` are refused from their
+header, before any decoding (Pillow's decompression-bomb limit by default, as in training:
+``train.max_image_pixels``). Images are resized straight to the model's square input with
+Pillow's bilinear filter, which antialiases when shrinking, like the training pipeline's
+``tf.image.resize(antialias=True)``.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Pillow's own default limit (Image.MAX_IMAGE_PIXELS), also train.max_image_pixels' default.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
-def find_images(inputs: Iterable[str], recursive: bool = False) -> list[Path]:
-    """Files named on the command line (whatever their suffix) plus image files in folders."""
+class ImageTooLarge(ValueError):
+    """The header announces more pixels than allowed; nothing was decoded."""
+
+
+def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files named on the command line (whatever their suffix) plus image files in folders.
+
+    Returns ``(files, unusable)``: broken symbolic links inside folders are not dropped
+    silently but listed with the reason, so the caller reports them as skipped.
+    """
     found: list[Path] = []
+    unusable: list[tuple[Path, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
-            found += sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            for candidate in sorted(path.glob(pattern)):
+                if candidate.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                if candidate.is_file():
+                    found.append(candidate)
+                elif candidate.is_symlink() and not candidate.exists():
+                    unusable.append((candidate, f"broken symbolic link to {os.readlink(candidate)}"))
         elif path.is_file():
             found.append(path)
+        elif path.is_symlink():
+            raise FileNotFoundError(f"{item}: broken symbolic link to {os.readlink(path)}")
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
-    return found
+    return found, unusable
 
 
-def read_image(path: Path, image_size: int) -> np.ndarray:
-    """RGB float32 ``[S, S, 3]`` in 0..255; raises on anything Pillow cannot decode."""
+def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Image.Image":
+    """Decode a file or encoded bytes to an 8-bit RGB Pillow image, the way training decodes it."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.float32)
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with Image.open(stream) as image:
+        width, height = image.size  # from the header; nothing decoded yet
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge(
+                f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+                "(a decompression bomb, or raise train.max_image_pixels)"
+            )
+        image.seek(0)  # an animation's first frame, like training's expand_animations=False
+        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            # 16-bit samples: scale to 8 bits as libpng does for TensorFlow (x * 255 / 65535, rounded).
+            wide = np.asarray(image, dtype=np.int64)
+            gray = ((wide * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
+            return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+        if image.mode == "P":
+            image = image.convert("RGBA")  # the palette's colours; transparency then dropped below
+        return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike | bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB float32 ``[S, S, 3]`` in 0..255; raises on anything Pillow cannot decode or that is too large."""
+    from PIL import Image
+
+    image = open_image(path, max_pixels)
+    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32)
 
 
 def caption_files(
-    paths: Sequence[Any], image_size: int, batch_size: int, caption_fn: Callable[[np.ndarray], list[str]]
+    paths: Sequence[Any],
+    image_size: int,
+    batch_size: int,
+    caption_fn: Callable[[np.ndarray], list[str]],
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> Iterator[tuple[Any, str | None, str | None]]:
     """Caption image files in batches: yields ``(path, caption, None)`` or ``(path, None, reason)``.
 
@@ -57,7 +114,7 @@ def caption_files(
             good, pixels = [], []
             for path in chunk:
                 try:
-                    pixels.append(read_image(Path(path), image_size))
+                    pixels.append(read_image(Path(path), image_size, max_pixels))
                     good.append(path)
                 except Exception as err:  # any decoder failure is a per-file skip, reported to the caller
                     reason = f"{type(err).__name__}: {err}"

@@ -149,7 +149,7 @@ def test_evaluate_cli_reports_both_scales_and_counts_skips(tmp_path, capsys) -> 
     assert "1 uncaptioned" in capsys.readouterr().err
 
 
-def test_predictions_are_matched_by_resolved_path_or_unique_name(tmp_path) -> None:
+def test_predictions_are_matched_by_resolved_path_and_by_name_only_when_asked(tmp_path) -> None:
     from gpt2_effnet.commands.evaluate import match_predictions
 
     images = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "y.png"), str(tmp_path / "b" / "y.png")]
@@ -158,7 +158,10 @@ def test_predictions_are_matched_by_resolved_path_or_unique_name(tmp_path) -> No
         "elsewhere/y.png": "cap y",  # name clash on the reference side: not matched
     }
     assert match_predictions(images, predictions) == {images[0]: "cap x"}
-    assert match_predictions(images[:2], {"z/y.png": "cap y"}) == {images[1]: "cap y"}
+    assert match_predictions(images, predictions, by_name=True) == {images[0]: "cap x"}
+    # Another folder's y.png is another picture unless the user says names identify images.
+    assert match_predictions(images[:2], {"z/y.png": "cap y"}) == {}
+    assert match_predictions(images[:2], {"z/y.png": "cap y"}, by_name=True) == {images[1]: "cap y"}
 
 
 def test_evaluate_cli_names_bad_inputs(tmp_path, capsys) -> None:

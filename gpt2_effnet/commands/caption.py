@@ -7,6 +7,7 @@ stderr and skipped; the others are still captioned.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import json
 import sys
@@ -91,70 +92,104 @@ def _load_tokenizer(args: argparse.Namespace, num_special_tokens: int) -> Any:
     return GPT2Tokenizer.for_run(checkpoint if checkpoint.is_dir() else checkpoint.parent, num_special_tokens)
 
 
-def main(args: argparse.Namespace) -> int:
-    from ..captioner import Captioner
+# generate() keywords -> this command's options, so errors name what the user typed.
+_OPTION_NAMES = {
+    "num_beams": "--beams",
+    "length_penalty": "--length-penalty",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "temperature": "--temperature",
+    "no_repeat_ngram_size": "--no-repeat-ngram-size",
+    "repetition_penalty": "--repetition-penalty",
+    "max_new_tokens": "--max-new-tokens",
+}
+
+
+def _check_checkpoint(checkpoint: Path) -> tuple[int, int]:
+    """Image size and pixel limit of a run folder or .keras file; raises naming what is missing."""
+    from ..captioner import CONFIG_FILE, WEIGHTS_FILE
     from ..config import CaptionerConfig
-    from ..decoding import caption_strings
 
-    if args.batch_size < 1:
-        print("gpt2-effnet caption: --batch-size must be >= 1", file=sys.stderr)
-        return 2
+    if checkpoint.is_dir():
+        if not (checkpoint / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no {CONFIG_FILE} (not a run folder, or its run never started)")
+        if not (checkpoint / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"--checkpoint {checkpoint}: no {WEIGHTS_FILE} (the run has not saved weights yet)")
+        config = CaptionerConfig.load(checkpoint / CONFIG_FILE)
+        return config.model.image_size, config.train.max_image_pixels
+    if checkpoint.suffix != ".keras" or not checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a run folder or a .keras file")
+    return 0, 0  # known once loaded
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write, check_writable
+    from ..captioner import Captioner
+    from ..decoding import GenerationConfig, caption_strings
+
+    def fail(message: str, status: int = 2) -> int:
+        print(f"gpt2-effnet caption: {message}", file=sys.stderr)
+        return status
+
+    # Everything is checked before any output is opened and before the model is built.
     try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         kwargs = _generation_kwargs(args)
-        paths = find_images(args.inputs, args.recursive)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"gpt2-effnet caption: {err}", file=sys.stderr)
-        return 2
+        settings = {f.name for f in dataclasses.fields(GenerationConfig)}
+        GenerationConfig(**{k: v for k, v in kwargs.items() if k in settings})  # checks every option now
+        out_format = "jsonl"
+        if args.out is not None:
+            suffix = Path(args.out).suffix.lower()
+            if suffix not in (".jsonl", ".csv"):
+                raise ValueError(f"--out must end in .jsonl or .csv, got {args.out!r}")
+            out_format = suffix[1:]
+            check_writable(args.out)
+        paths, unusable = find_images(args.inputs, args.recursive)
+        checkpoint = Path(args.checkpoint)
+        size, max_pixels = _check_checkpoint(checkpoint)
+    except (ValueError, NotImplementedError, FileNotFoundError) as err:  # ConfigError is a ValueError
+        message = str(err).splitlines()[0]
+        for keyword, option in _OPTION_NAMES.items():
+            message = message.replace(keyword, option)
+        return fail(message)
     if not paths:
-        print("gpt2-effnet caption: no image files found", file=sys.stderr)
-        return 2
-    out_format = "jsonl"
-    if args.out is not None:
-        suffix = Path(args.out).suffix.lower()
-        if suffix not in (".jsonl", ".csv"):
-            print(f"gpt2-effnet caption: --out must end in .jsonl or .csv, got {args.out!r}", file=sys.stderr)
-            return 2
-        out_format = suffix[1:]
-
-    # A run folder's model is loaded at the first readable image (its config gives the input
-    # size), so a folder of broken files fails in a second; a .keras file is loaded now.
-    checkpoint = Path(args.checkpoint)
-    loaded: dict[str, Any] = {}
+        return fail("no image files found" + (f" ({len(unusable)} broken link(s))" if unusable else ""))
     try:
-        if checkpoint.is_dir():
-            size = CaptionerConfig.load(checkpoint / "config.yaml").model.image_size
-        else:
-            loaded["model"] = Captioner.load(checkpoint)
-            size = loaded["model"].captioner_config.model.image_size
-    except (OSError, ValueError) as err:  # missing files, bad config (ConfigError is a ValueError)
-        print(f"gpt2-effnet caption: cannot read checkpoint {args.checkpoint}: {err}", file=sys.stderr)
-        return 2
+        model = Captioner.load(checkpoint)
+        tokenizer = _load_tokenizer(args, model.decoder.num_special_tokens)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return fail(f"cannot load --checkpoint {checkpoint}: {first}")
+    config = model.captioner_config
+    size, max_pixels = config.model.image_size, config.train.max_image_pixels
 
     def captions_for(images: np.ndarray) -> list[str]:
-        if "model" not in loaded:
-            loaded["model"] = Captioner.load(checkpoint)
-        if "tokenizer" not in loaded:
-            loaded["tokenizer"] = _load_tokenizer(args, loaded["model"].decoder.num_special_tokens)
-        return caption_strings(loaded["model"], images, tokenizer=loaded["tokenizer"], **kwargs)
+        return caption_strings(model, images, tokenizer=tokenizer, **kwargs)
 
-    bad: list[tuple[Path, str]] = []
-    done = 0
-    stream = open(args.out, "w", newline="", encoding="utf-8") if args.out else sys.stdout
-    try:
-        writer = _Writer(stream, out_format)
-        for path, caption, error in caption_files(paths, size, args.batch_size, captions_for):
-            if error is not None:
-                bad.append((path, error))
-                continue
-            writer.write(path, caption)
-            done += 1
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
-    where = f" -> {args.out}" if args.out else ""
-    print(f"captioned {done} image(s){where}", file=sys.stderr)
+    bad: list[tuple[Any, str]] = list(unusable)
+    rows: list[tuple[Path, str]] = []
+    stream_out = None if args.out else _Writer(sys.stdout, out_format)
+    for path, caption, error in caption_files(paths, size, args.batch_size, captions_for, max_pixels):
+        if error is not None:
+            bad.append((path, error))
+        elif stream_out is not None:
+            stream_out.write(path, caption)
+            rows.append((path, caption))
+        else:
+            rows.append((path, caption))
     if bad:
         print(f"skipped {len(bad)} unreadable image(s):", file=sys.stderr)
         for path, reason in bad:
             print(f"  {path}: {reason}", file=sys.stderr)
-    return 0 if done else 1
+    if not rows:
+        kept = f"; {args.out} was left as it was" if args.out and Path(args.out).exists() else ""
+        return fail(f"no image could be captioned{kept}", 1)
+    if args.out:
+        with atomic_write(args.out, "w", newline="", encoding="utf-8") as handle:
+            writer = _Writer(handle, out_format)
+            for path, caption in rows:
+                writer.write(path, caption)
+    where = f" -> {args.out}" if args.out else ""
+    print(f"captioned {len(rows)} image(s){where}", file=sys.stderr)
+    return 0

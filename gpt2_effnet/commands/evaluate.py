@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meteor", action="store_true", help="also compute METEOR (needs java)")
     parser.add_argument("--out", default=None, help="write the JSON report here (default: stdout)")
     parser.add_argument("--save-captions", default=None, help="also write the generated captions (.jsonl)")
+    parser.add_argument("--match-names", action="store_true",
+                        help="--predictions: also pair rows by file name when it is unique (paths typed elsewhere)")
 
 
 def _read_predictions(path: Path) -> dict[str, str]:
@@ -53,9 +55,13 @@ def _read_predictions(path: Path) -> dict[str, str]:
         raise ValueError(f"{path}: every row needs 'image' and 'caption' fields (missing {err})") from None
 
 
-def match_predictions(images: Sequence[str], predictions: Mapping[str, str]) -> dict[str, str]:
-    """Pair reference images with predicted captions: same path, same resolved path, or same file
-    name when that name is unique on both sides (the caption command writes paths as typed)."""
+def match_predictions(images: Sequence[str], predictions: Mapping[str, str], by_name: bool = False) -> dict[str, str]:
+    """Pair reference images with predicted captions: same path, or same resolved path.
+
+    ``by_name`` (``--match-names``) also pairs files whose name is unique on both sides,
+    for predictions written from another working folder; off by default, since two data
+    sets can share file names and would then be scored against each other silently.
+    """
     import os
 
     by_real = {os.path.realpath(k): v for k, v in predictions.items()}
@@ -68,7 +74,7 @@ def match_predictions(images: Sequence[str], predictions: Mapping[str, str]) -> 
             matched[image] = predictions[image]
         elif os.path.realpath(image) in by_real:
             matched[image] = by_real[os.path.realpath(image)]
-        elif Path(image).name in unique_pred and ref_names.count(Path(image).name) == 1:
+        elif by_name and Path(image).name in unique_pred and ref_names.count(Path(image).name) == 1:
             matched[image] = unique_pred[Path(image).name]
     return matched
 
@@ -95,7 +101,8 @@ def _caption_images(args: argparse.Namespace, paths: list[str]) -> tuple[dict[st
     def caption_fn(images: Any) -> list[str]:
         return caption_strings(model, images, tokenizer=tokenizer, **kwargs)
 
-    for path, text, error in caption_files(paths, size, args.batch_size, caption_fn):
+    max_pixels = model.captioner_config.train.max_image_pixels
+    for path, text, error in caption_files(paths, size, args.batch_size, caption_fn, max_pixels):
         if error is None:
             captions[path] = text
         else:
@@ -104,9 +111,17 @@ def _caption_images(args: argparse.Namespace, paths: list[str]) -> tuple[dict[st
 
 
 def main(args: argparse.Namespace) -> int:
+    from ..atomic import atomic_write, check_writable
     from ..data.captions import CaptionFileError, read_captions
 
     try:
+        for option, value in (("--out", args.out), ("--save-captions", args.save_captions)):
+            if value is not None:
+                check_writable(value, option)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.beams is not None and args.beams < 1:
+            raise ValueError(f"--beams must be >= 1, got {args.beams}")
         captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
     except (CaptionFileError, FileNotFoundError, ValueError) as err:
         print(f"gpt2-effnet evaluate: {err}", file=sys.stderr)
@@ -125,14 +140,19 @@ def main(args: argparse.Namespace) -> int:
     unreadable: dict[str, str] = {}
     if args.checkpoint:
         wanted = [p for p in images if p not in missing]
-        predictions, unreadable = _caption_images(args, wanted)
+        try:
+            predictions, unreadable = _caption_images(args, wanted)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"gpt2-effnet evaluate: cannot caption with --checkpoint {args.checkpoint}: {first}", file=sys.stderr)
+            return 2
         if args.save_captions:
-            with open(args.save_captions, "w", encoding="utf-8") as f:
+            with atomic_write(args.save_captions, "w", encoding="utf-8") as f:
                 for path, text in predictions.items():
                     f.write(json.dumps({"image": path, "caption": text}) + "\n")
     else:
         try:
-            predictions = match_predictions(images, _read_predictions(Path(args.predictions)))
+            predictions = match_predictions(images, _read_predictions(Path(args.predictions)), args.match_names)
         except (OSError, ValueError, json.JSONDecodeError) as err:
             print(f"gpt2-effnet evaluate: {err}", file=sys.stderr)
             return 2
@@ -158,7 +178,8 @@ def main(args: argparse.Namespace) -> int:
     )
     text = json.dumps(result, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        with atomic_write(args.out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
     else:
         print(text)
     for name in metrics:

@@ -146,14 +146,30 @@ def build_trainer(args: argparse.Namespace) -> Any:
 def main(args: argparse.Namespace) -> int:
     from ..config import ConfigError
     from ..data.captions import CaptionFileError
-    from ..training.checkpoints import RunConfigMismatch
+    from ..training.checkpoints import OutOfSpace, RunConfigMismatch
+    from ..training.loop import TrainingStopped
+    from ..training.run_lock import RunLocked
+    from ..weights import WeightLoadError
 
+    if Path(args.config).is_dir():
+        print(f"gpt2-effnet train: --config {args.config} is a folder; give the YAML file", file=sys.stderr)
+        return 2
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"gpt2-effnet train: --out {args.out} is a file, not a folder: the run folder goes there", file=sys.stderr)
+        return 2
     try:
         trainer = build_trainer(args)
-    except (ConfigError, CaptionFileError, RunConfigMismatch, FileNotFoundError, ValueError) as err:
+    except RunLocked as err:
+        print(f"gpt2-effnet train: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, CaptionFileError, RunConfigMismatch, WeightLoadError, FileNotFoundError, ValueError) as err:
         print(f"gpt2-effnet train: {err}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except (TrainingStopped, OutOfSpace) as err:
+        print(f"gpt2-effnet train: stopped: {err}", file=sys.stderr)
+        return 1
     if result.interrupted is None:
         trainer.say(f"done: step {result.step}, weights in {Path(args.out) / 'captioner.weights.h5'}")
     return result.exit_code

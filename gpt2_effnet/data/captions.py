@@ -127,6 +127,9 @@ def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise CaptionFileError(f"{path}: a COCO captions file needs top-level 'images' and 'annotations'; found {keys}")
+    for key in ("images", "annotations"):
+        if not isinstance(data[key], list):
+            raise CaptionFileError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
     files: dict[int, str] = {}
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
@@ -139,7 +142,12 @@ def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
             raise CaptionFileError(f"{path}: annotations[{i}] needs 'image_id' and 'caption', got {ann!r:.200}")
         if ann["image_id"] not in files:
             raise CaptionFileError(f"{path}: annotations[{i}] refers to image_id {ann['image_id']!r}, which is not in 'images'")
-        text = str(ann["caption"]).strip()
+        if not isinstance(ann["caption"], str):
+            raise CaptionFileError(
+                f"{path}: annotations[{i}] has caption {ann['caption']!r:.100} ({type(ann['caption']).__name__}); "
+                "captions must be strings"
+            )
+        text = ann["caption"].strip()
         if not text:
             blank += 1
             continue

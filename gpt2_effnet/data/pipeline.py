@@ -144,6 +144,9 @@ class PipelineSpec:
     drop_remainder: bool = False
     shuffle_buffer: int = 1024
     deterministic: bool | None = None
+    # Images whose header announces more pixels are skipped (counted) before decoding;
+    # None: no limit. Training passes train.max_image_pixels.
+    max_image_pixels: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "max_length", "batch_size", "shuffle_buffer"):
@@ -237,7 +240,9 @@ def caption_dataset(
         ds = ds.repeat()
 
     def load(index: tf.Tensor, path: tf.Tensor, row: tf.Tensor, length: tf.Tensor):
-        image = skips.track(index, lambda: decode_and_resize(tf.io.read_file(path), spec.image_size))
+        image = skips.track(
+            index, lambda: decode_and_resize(tf.io.read_file(path), spec.image_size, spec.max_image_pixels)
+        )
         return image, row, length
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.ordered)

@@ -167,7 +167,7 @@ def wds_dataset(
         ds = ds.shuffle(spec.shuffle_buffer, seed=spec.seed, reshuffle_each_iteration=True)
 
     def decode(index: tf.Tensor, data: tf.Tensor, text: tf.Tensor):
-        return skips.track(index, lambda: decode_and_resize(tf.identity(data), spec.image_size)), text
+        return skips.track(index, lambda: decode_and_resize(tf.identity(data), spec.image_size, spec.max_image_pixels)), text
 
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=ordered)
     ds = ds.ignore_errors()  # which samples failed: skips.unreadable_samples()

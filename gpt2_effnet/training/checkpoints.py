@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import tensorflow as tf
 import yaml
 
@@ -52,6 +53,10 @@ RESUME_FREE_KEYS = frozenset(
 
 class RunConfigMismatch(ValueError):
     """A resumed run was given a config (or data) different from the one it started with."""
+
+
+class OutOfSpace(OSError):
+    """The disk cannot hold the next checkpoint; nothing of it was left behind."""
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -115,11 +120,34 @@ def prepare_run_dir(
         if free:
             notes.append(f"resuming with changed run-length/reporting keys:\n{_format(free)}")
     if write:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(config_path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        _write_atomic(info_path, json.dumps(dict(run_info), indent=2, sort_keys=True) + "\n")
+        write_run_files(run_dir, config, run_info)
     return config, notes
 
+
+def write_run_files(run_dir: str | os.PathLike, config: CaptionerConfig, run_info: Mapping[str, Any]) -> None:
+    """config.yaml and run.json; written once a run has really started (after its first step)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    _write_atomic(run_dir / RUN_FILE, json.dumps(dict(run_info), indent=2, sort_keys=True) + "\n")
+
+
+def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove what killed saves leave: TensorFlow's ``ckpt-N_temp`` folders, half-written weights."""
+    run_dir = Path(run_dir)
+    found = list((run_dir / CHECKPOINT_DIR).glob(f"{CHECKPOINT_PREFIX}-*_temp*"))
+    for folder in (run_dir, run_dir / BEST_DIR):
+        found += list(folder.glob("partial-*.h5")) + list(folder.glob(".*.partial"))
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def _nbytes(variables: Any) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(str(getattr(v.dtype, "name", v.dtype))).itemsize for v in variables)
 
 def _write_atomic(path: Path, text: str) -> None:
     """Other workers may read the file while the chief writes it; they must never see half of it."""
@@ -186,20 +214,73 @@ class Checkpointer:
             self.checkpoint.restore(path).assert_existing_objects_matched()
         return path
 
+    def bytes_needed(self) -> int:
+        """What one save writes: the checkpoint (model + optimizer state) and the exported weights."""
+        model_bytes = _nbytes(self.model.weights)
+        optimizer = self.checkpoint.optimizer
+        return 2 * model_bytes + _nbytes(getattr(optimizer, "variables", []))
+
     def save(self, step: int) -> str:
-        path = self._write_manager.save(checkpoint_number=step)
+        """The checkpoint and the exported weights of this step, both or neither.
+
+        The weights are written beside their final name first, the checkpoint next, and
+        only then are the weights renamed into place: a failure anywhere leaves the
+        previous checkpoint and weights as they were (a kill between the last two steps
+        leaves older weights, which the next start re-exports). A save that would not fit
+        on the disk is refused before anything is written; one that fails half-way is
+        removed. Either way :class:`OutOfSpace` names the folder and the numbers.
+        """
+        target = self.directory if self._scratch is None else self._scratch
+        target.mkdir(parents=True, exist_ok=True)
+        needed = int(self.bytes_needed() * 1.05) + (1 << 20)
+        free = shutil.disk_usage(target).free
+        if free < needed:
+            raise OutOfSpace(
+                f"not enough disk space in {target} to save step {step}: about {needed / 1e6:.1f} MB needed, "
+                f"{free / 1e6:.1f} MB free; the last checkpoint ({self.latest or 'none yet'}) is intact"
+            )
+        writes_weights = self._scratch is None and self.is_chief
+        partial = self.run_dir / ("partial-" + WEIGHTS_FILE)
+        try:
+            if writes_weights:
+                self.model.save_weights(partial)
+            path = self._write_manager.save(checkpoint_number=step)
+        except (OSError, tf.errors.ResourceExhaustedError, tf.errors.DataLossError) as err:
+            clean_leftovers(self.run_dir)
+            raise OutOfSpace(
+                f"saving step {step} into {target} failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                f"the partial files were removed and the last checkpoint ({self.latest or 'none yet'}) is intact"
+            ) from None
+        if writes_weights:
+            final = self.run_dir / WEIGHTS_FILE
+            os.replace(partial, final)
+            os.utime(final)  # stamped after the checkpoint: refresh_weights() sees them as current
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
-        elif self.is_chief:
-            self.export_weights(self.run_dir)
         return path
+
+    def refresh_weights(self) -> bool:
+        """Re-export the weights if they are missing or older than the newest checkpoint (a save cut short)."""
+        latest = self.latest
+        weights = self.run_dir / WEIGHTS_FILE
+        if not self.is_chief or latest is None:
+            return False
+        stamp = Path(latest + ".index").stat().st_mtime
+        if weights.is_file() and weights.stat().st_mtime >= stamp:
+            return False
+        self.export_weights(self.run_dir)
+        return True
 
     def export_weights(self, directory: str | os.PathLike) -> Path:
         """Write ``captioner.weights.h5`` atomically, so a reader never sees half a file."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / ("partial-" + WEIGHTS_FILE)
-        self.model.save_weights(partial)
+        try:
+            self.model.save_weights(partial)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         final = directory / WEIGHTS_FILE
         os.replace(partial, final)
         return final

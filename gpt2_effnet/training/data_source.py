@@ -53,6 +53,9 @@ class DataSource:
     vocabulary: Callable[[], set[int]] | None = None
     # The tokenizer that made token_ids; training keeps a copy in the run folder for captioning.
     tokenizer: Any = None
+    # The live skip counter of the epoch being read (gpt2_effnet.data.pipeline.SkipCounter),
+    # for running counts in the logs; None where the source cannot tell.
+    skip_counter: Callable[[], Any] | None = None
 
     @classmethod
     def from_tensors(

@@ -8,26 +8,39 @@ see (:mod:`.reporting`) and Ctrl-C. Read :meth:`Trainer.fit` for the whole story
 
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import keras
 import tensorflow as tf
 
-from ..captioner import Captioner
+from ..captioner import WEIGHTS_FILE, Captioner
 from ..config import CaptionerConfig
 from ..tokenizer import RUN_TOKENIZER_DIR
 from . import distribute
-from .checkpoints import CHECKPOINT_DIR, Checkpointer, RunState, prepare_run_dir
+from .checkpoints import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    RunState,
+    clean_leftovers,
+    prepare_run_dir,
+    write_run_files,
+)
 from .data_source import DataRequest, DataSource, resolve_output_vocabulary
 from .optim import build_optimizer
 from .precision import resolve_precision
 from .reporting import MetricWindow, Reporter
+from .run_lock import RunLock
 from .steps import build_eval_step, build_train_step
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (NaN loss, no full batch, too many bad samples); the message says why."""
 
 
 @dataclass
@@ -80,16 +93,29 @@ class Trainer:
         self.reporter = Reporter(self.run_dir, is_chief=self.is_chief, show_progress=show_progress, log=log)
         self.data = data
         self.validation = validation
+        # One writer per run folder: the chief holds the lock from here to the end of fit().
+        self.lock = RunLock(self.run_dir).acquire() if self.is_chief else None
+        try:
+            self._set_up(config, gpt2, override)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, config: CaptionerConfig, gpt2: str | Path | None, override: bool) -> None:
+        data, validation = self.data, self.validation
+        if self.is_chief:
+            for path in clean_leftovers(self.run_dir):
+                self.say(f"removed {path} (left by a save that was cut short)")
         config = resolve_output_vocabulary(config, data)
-        run_info = {"train": dict(data.description)}
+        self.run_info = {"train": dict(data.description)}
         if validation is not None:
-            run_info["validation"] = dict(validation.description)
-        self.config, notes = prepare_run_dir(self.run_dir, config, run_info, override=override, write=self.is_chief)
+            self.run_info["validation"] = dict(validation.description)
+        # Checked now, written only once the first step has run (_start_run_files): a run
+        # that fails before it leaves no config behind to refuse the corrected rerun.
+        self.config, notes = prepare_run_dir(self.run_dir, config, self.run_info, override=override, write=False)
+        self._run_files_written = False
         for note in notes:
             self.say(note)
-        tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
-        if self.is_chief and data.tokenizer is not None and not tokenizer_dir.exists():
-            data.tokenizer.save(tokenizer_dir)
         cfg = self.config.train
 
         replicas = self.strategy.num_replicas_in_sync
@@ -133,6 +159,8 @@ class Trainer:
         )
         self.resumed_from: int | None = None
         restored = self.checkpointer.restore_latest()
+        if restored is not None and self.checkpointer.refresh_weights():
+            self.say(f"re-exported {WEIGHTS_FILE} from {restored} (the last save was cut short)")
         if restored is not None:
             self.resumed_from = int(self.state.step.numpy())
             self.say(
@@ -149,6 +177,25 @@ class Trainer:
         self._best_val = float(self.state.best_val_loss.numpy())
         self._last_saved: int | None = self.resumed_from
         self._last_path: str | None = self.checkpointer.latest
+        self._window = MetricWindow()
+        self._named_skips: set[str] = set()
+
+    def close(self) -> None:
+        """Give the run folder back (fit() does this when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _start_run_files(self) -> None:
+        """config.yaml, run.json and the vocabulary, once the run has really started."""
+        if self._run_files_written:
+            return
+        self._run_files_written = True
+        if not self.is_chief:
+            return
+        write_run_files(self.run_dir, self.config, self.run_info)
+        tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
+        if self.data.tokenizer is not None and not tokenizer_dir.exists():
+            self.data.tokenizer.save(tokenizer_dir)
 
     # -- set-up --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -173,12 +220,17 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------
     def fit(self) -> TrainResult:
-        """Train to the end (or to a signal); save; return what happened."""
+        """Train to the end (or to a signal); save; return what happened.
+
+        Raises :class:`TrainingStopped` (a NaN loss, an epoch with no full batch, too many
+        unreadable samples) and :class:`~.checkpoints.OutOfSpace` without saving over the
+        last good checkpoint.
+        """
         cfg = self.config.train
         restore_signals = self._install_signal_handlers()
         self.reporter.open_progress(self.total_steps, self.step)
         history: list[dict[str, Any]] = []
-        window = MetricWindow()
+        window = self._window
         self.say(
             f"training {self.run_dir}: {distribute.describe(self.strategy)}, {self.precision}, global batch {cfg.batch_size} "
             f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
@@ -199,18 +251,22 @@ class Trainer:
             if trained and self._stop is None and self.validation is not None and not validated_now:
                 history.append(self.validate())
             if self._last_saved != self.step or self._stop is not None:
+                self._check_finite(window)
+                self._start_run_files()
                 self.save()
             if self._stop is not None:
                 self.say(f"{self._stop}: saved {self._last_path} at step {self.step}; rerun the same command to resume")
         finally:
             self.reporter.close()
             restore_signals()
+            self.close()
         return TrainResult(self.run_dir, self.step, self.epoch, self._stop, history, self._last_path, self.resumed_from)
 
     def _train_epoch(self, window: MetricWindow, history: list[dict[str, Any]]) -> bool:
         """Step through the rest of the current epoch; True if it ended, False if the run did (or was stopped)."""
         cfg = self.config.train
         batches = iter(self._distributed_dataset(self.data, self.epoch, self.batch_in_epoch, shuffle=True))
+        steps_before = self.step
         while not self._finished() and self._stop is None:
             if self._epoch_full():
                 break
@@ -218,6 +274,7 @@ class Trainer:
             if not bool(optional.has_value()):
                 break
             window.add(self.train_step(optional.get_value()))
+            self._start_run_files()
             self.step += 1
             self.batch_in_epoch += 1
             self.reporter.step_done()
@@ -231,7 +288,21 @@ class Trainer:
         else:
             return False
         _drain(batches)
+        if self.step == steps_before and self.batch_in_epoch == 0:
+            self._no_full_batch()
         return True
+
+    def _no_full_batch(self) -> None:
+        """An epoch ended without one full batch: stop, instead of starting empty epochs forever."""
+        counter = self.data.skip_counter() if self.data.skip_counter is not None else None
+        readable = "" if counter is None else (
+            f", {counter.attempted - counter.unreadable} of them readable ({counter.unreadable} unreadable, "
+            f"{counter.missing} missing)"
+        )
+        raise TrainingStopped(
+            f"epoch {self.epoch + 1} gave no full batch: the data lists {self.data.num_examples} example(s){readable}, "
+            f"and a step needs {self.config.train.batch_size}; add data, fix the unreadable files or lower train.batch_size"
+        )
 
     def _epoch_full(self) -> bool:
         return self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch
@@ -256,7 +327,17 @@ class Trainer:
 
     def _save_if_due(self) -> None:
         if self.step % self.config.train.checkpoint_every == 0 and self._last_saved != self.step:
+            self._check_finite(self._window)  # never save over a good checkpoint with NaN weights
             self.save()
+
+    def _check_finite(self, window: MetricWindow) -> None:
+        loss, _, tokens = window.totals()
+        if not math.isfinite(loss):
+            raise TrainingStopped(
+                f"the loss became {loss} between steps {self.step - window.steps + 1} and {self.step}; "
+                f"nothing was saved after step {self._last_saved or 0} (the last good checkpoint: "
+                f"{self._last_path or 'none'}); lower optim.learning_rate or set optim.global_clipnorm, then rerun"
+            )
 
     def save(self) -> str:
         """Checkpoint now (every worker must call this together under multi-worker)."""
@@ -286,9 +367,38 @@ class Trainer:
         return record
 
     def _log_window(self, window: MetricWindow) -> dict[str, Any]:
-        return self.reporter.training_window(
-            window, step=self.step, epoch=self.epoch, learning_rate=self.learning_rate, batch_size=self.config.train.batch_size
+        self._check_finite(window)
+        skips = self._skip_status()
+        record = self.reporter.training_window(
+            window, step=self.step, epoch=self.epoch, learning_rate=self.learning_rate,
+            batch_size=self.config.train.batch_size, skips=skips,
         )
+        if skips is not None:
+            self._check_skip_rate(skips)
+        return record
+
+    def _skip_status(self) -> dict[str, Any] | None:
+        """Skips of the epoch being read so far: counts, rate, and files not yet named in a line."""
+        counter = self.data.skip_counter() if self.data.skip_counter is not None else None
+        if counter is None:
+            return None
+        seen = counter.attempted + counter.missing
+        status = {"skipped": counter.skipped, "seen": seen, "rate": counter.skipped / seen if seen else 0.0}
+        if counter.unreadable and len(self._named_skips) < 10:
+            new = [f for f in counter.unreadable_samples(10) if f not in self._named_skips][: 10 - len(self._named_skips)]
+            if new:
+                self._named_skips.update(new)
+                self.reporter.emit(f"skipping unreadable image(s): {', '.join(new)}")
+        return status
+
+    def _check_skip_rate(self, skips: Mapping[str, Any]) -> None:
+        limit = self.config.train.max_skip_rate
+        if skips["seen"] >= 200 and skips["rate"] > limit:
+            raise TrainingStopped(
+                f"{skips['skipped']} of the {skips['seen']} samples read so far were unreadable or missing "
+                f"({skips['rate']:.0%} > train.max_skip_rate {limit:.0%}); check the image folder and paths "
+                f"(first unreadable: {', '.join(sorted(self._named_skips)[:3]) or 'none'}), or raise the limit"
+            )
 
     # -- data ------------------------------------------------------------------------------
     def _distributed_dataset(self, source: DataSource, epoch: int, skip_steps: int, shuffle: bool) -> Any:

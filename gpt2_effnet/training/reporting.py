@@ -107,8 +107,20 @@ class Reporter:
             writer.flush()
 
     # -- metrics -------------------------------------------------------------------------
-    def training_window(self, window: MetricWindow, *, step: int, epoch: int, learning_rate: float, batch_size: int) -> dict[str, Any]:
-        """Close a window of training steps: one metrics line, TensorBoard scalars, the bar's postfix."""
+    def training_window(
+        self,
+        window: MetricWindow,
+        *,
+        step: int,
+        epoch: int,
+        learning_rate: float,
+        batch_size: int,
+        skips: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Close a window of training steps: one metrics line, TensorBoard scalars, the bar's postfix.
+
+        ``skips`` (samples skipped so far this epoch, and their share) joins all three.
+        """
         loss, correct, tokens = window.totals()
         elapsed = max(time.perf_counter() - window.start, 1e-9)
         record = {
@@ -120,11 +132,16 @@ class Reporter:
             "images_per_sec": window.steps * batch_size / elapsed,
             "tokens": tokens,
         }
-        self.scalars("train", step, {k: record[k] for k in ("loss", "accuracy", "learning_rate", "images_per_sec")})
+        scalar_keys = ["loss", "accuracy", "learning_rate", "images_per_sec"]
+        postfix = {"loss": f"{record['loss']:.4f}", "acc": f"{record['accuracy']:.3f}", "img_s": f"{record['images_per_sec']:.1f}"}
+        if skips is not None:
+            record.update(skipped=skips["skipped"], skip_rate=skips["rate"])
+            scalar_keys += ["skipped", "skip_rate"]
+            if skips["skipped"]:
+                postfix["skipped"] = f"{skips['skipped']} ({skips['rate']:.1%})"
+        self.scalars("train", step, {k: record[k] for k in scalar_keys})
         if self._bar is not None:
-            self._bar.set_postfix(
-                loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}", img_s=f"{record['images_per_sec']:.1f}"
-            )
+            self._bar.set_postfix(postfix)
         self.append_metrics(record)
         window.reset()
         return record

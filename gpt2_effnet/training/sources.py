@@ -76,6 +76,21 @@ class _EpochSkips:
     def count(self) -> int:
         return 0 if self.current is None else int(self.current.skipped)
 
+    def counter(self) -> Any:
+        """The live SkipCounter of the epoch being read (None before the first)."""
+        return self.current
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Size and content hash of a caption file: a resume notices other data at the same path."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": os.path.getsize(path), "sha1": digest.hexdigest()}
+
 
 def pipeline_spec(config: CaptionerConfig, request: DataRequest, training: bool) -> Any:
     """What every pipeline is told for one epoch on one worker: one finite pass."""
@@ -92,6 +107,7 @@ def pipeline_spec(config: CaptionerConfig, request: DataRequest, training: bool)
         repeat=False,
         drop_remainder=training,
         shuffle_buffer=max(config.train.shuffle_buffer, 1),
+        max_image_pixels=config.train.max_image_pixels,
     )
 
 
@@ -111,16 +127,27 @@ def caption_source(
 
     captions = read_captions(csv, coco, images, image_column, caption_column)
     print(captions.summary(), flush=True)
+    if not captions.existing():
+        from ..data.captions import CaptionFileError
+
+        first = captions.pairs[0][0]
+        raise CaptionFileError(
+            f"none of the {len(captions.missing)} image file(s) that {captions.source} lists exist "
+            f"(the first: {first}); check --images"
+        )
     plain_tokenizer, tokenizer = tokenizer, _TokenizeOnce(tokenizer)
     skips = _EpochSkips()
 
     def make(request: DataRequest) -> Any:
         return caption_dataset(captions, tokenizer, pipeline_spec(config, request, training), skips=skips.fresh())
 
+    caption_file = Path(coco if coco is not None else csv)  # type: ignore[arg-type]
     description = {
         "kind": "coco" if coco is not None else "csv",
-        "file": str(Path(coco if coco is not None else csv).resolve()),  # type: ignore[arg-type]
+        "file": str(caption_file.resolve()),
         "images": None if images is None else str(Path(images).resolve()),
+        "pairs": len(captions.pairs),
+        **file_fingerprint(caption_file),
     }
     if coco is None:
         description.update(image_column=image_column, caption_column=caption_column)
@@ -133,7 +160,7 @@ def caption_source(
         return {int(i) for i in np.unique(ids[mask.astype(bool)])}
 
     return DataSource(make, num_examples=len(captions.existing()), skipped=skips.count, description=description,
-                      vocabulary=vocabulary, tokenizer=plain_tokenizer)
+                      vocabulary=vocabulary, tokenizer=plain_tokenizer, skip_counter=skips.counter)
 
 
 def shard_source(
@@ -156,7 +183,8 @@ def shard_source(
                 "--loader dali: NVIDIA DALI or its TensorFlow plugin does not import here; "
                 "install nvidia-dali-cuda120 (and its TF plugin) or use --loader tfdata"
             )
-    total = plan_shards(shards).num_samples
+    plan = plan_shards(shards)
+    total = plan.num_samples
     skips = _EpochSkips()
 
     def make(request: DataRequest) -> Any:
@@ -174,6 +202,13 @@ def shard_source(
         num_examples=total,
         skipped=skips.count,
         # The loader is left out: DALI and tf.data read the same samples, so a resume may switch.
-        description={"kind": "shards", "pattern": shards if isinstance(shards, str) else list(shards)},
+        description={
+            "kind": "shards",
+            "pattern": shards if isinstance(shards, str) else list(shards),
+            "tars": len(plan.paths),
+            "bytes": sum(os.path.getsize(p) for p in plan.paths),
+            "samples": total,
+        },
         tokenizer=tokenizer,
+        skip_counter=skips.counter,
     )

@@ -74,7 +74,13 @@ class SafetensorsReader(WeightReader):
         self._dtypes: dict[str, str] = {}
         try:
             for file in files:
-                handle = safe_open(str(file), framework="numpy")
+                try:
+                    handle = safe_open(str(file), framework="numpy")
+                except Exception as err:  # SafetensorError names no file
+                    raise WeightLoadError(
+                        f"{file}: not a readable safetensors file ({str(err).splitlines()[0][:160]}); "
+                        "truncated by an interrupted download? Download it again"
+                    ) from None
                 self._handles[file] = handle
                 for name in handle.keys():
                     if name in self._file_of:

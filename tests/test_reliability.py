@@ -1,0 +1,401 @@
+"""Nothing lost, nothing cryptic: outputs appear whole or not at all, runs stop instead of
+looping or training on NaN, one writer per run folder, and one-line errors.
+
+Each test here failed on main at 2176ab7 (issue 10 lists what each one did there).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2_effnet.cli import main
+from gpt2_effnet.config import CaptionerConfig, ConfigError
+
+SIZE = 32
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny captioner saved like a finished run (config.yaml + weights), real vocabulary."""
+    from conftest import make_tiny_config
+
+    from gpt2_effnet.captioner import Captioner
+
+    config = make_tiny_config(real_vocabulary=True, gpt2={"n_positions": 16, "n_embd": 16, "n_layer": 1},
+                              model={"image_size": SIZE, "max_caption_length": 5})
+    return Captioner(config).save_pretrained(tmp_path_factory.mktemp("run") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.jpg"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def _synthetic(folder: Path, n: int = 24, corrupt: int = 0):
+    from gpt2_effnet.data.synthetic import write_synthetic
+
+    paths = write_synthetic(folder, n_images=n, image_size=SIZE, seed=1, captions_per_image=1, val_fraction=0.0,
+                            progress=False)
+    rows = list(paths.train_csv.read_text().splitlines())
+    for i in range(corrupt):  # unreadable images, listed like the others
+        (folder / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+        rows.append(f"bad{i}.jpg,a picture of nothing")
+    paths.train_csv.write_text("\n".join(rows) + "\n")
+    return paths
+
+
+def _trainer(config: CaptionerConfig, run: Path, csv: Path, **kwargs):
+    from gpt2_effnet.training.loop import Trainer
+    from gpt2_effnet.training.sources import caption_source, make_tokenizer
+
+    data = caption_source(config, make_tokenizer(config), csv=csv)
+    return Trainer(config, run, data, show_progress=False, log=kwargs.pop("log", lambda _: None), **kwargs)
+
+
+# --------------------------------------------------------------------- caption outputs
+
+
+def _one_line(err: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.startswith("gpt2-effnet")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+
+
+def test_caption_never_truncates_an_existing_output(tmp_path, run_folder, photos, capsys) -> None:
+    out = tmp_path / "captions.jsonl"
+    out.write_text("precious\n")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.jpg").write_bytes(b"garbage")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(run_folder / "config.yaml", no_weights / "config.yaml")
+    cases = [
+        (["--checkpoint", str(run_folder), str(photos), "--beams", "0"], 2, "--beams"),
+        (["--checkpoint", str(run_folder), str(photos), "--top-p", "nan"], 2, "--top-p"),
+        (["--checkpoint", str(no_weights), str(photos)], 2, "captioner.weights.h5"),
+        (["--checkpoint", str(run_folder), str(junk)], 1, "no image could be captioned"),
+    ]
+    for argv, status, named in cases:
+        assert main(["caption", *argv, "--out", str(out)]) == status, argv
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert named in err, (argv, err)
+        assert out.read_text() == "precious\n", argv
+    assert not list(tmp_path.glob(".*partial"))
+    # And when it can run, the new file replaces the old one whole.
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(r["caption"] is not None for r in rows)
+
+
+def test_caption_output_problems_and_other_models_are_one_line(tmp_path, run_folder, photos, capsys) -> None:
+    from conftest import make_tiny_config
+
+    from gpt2_effnet.captioner import Captioner
+
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--out", str(tmp_path / "no" / "c.jsonl")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "does not exist" in err
+    other = Captioner(make_tiny_config(real_vocabulary=True, model={"image_size": SIZE}))
+    other_run = other.save_pretrained(tmp_path / "other")
+    shutil.copy(run_folder / "captioner.weights.h5", other_run / "captioner.weights.h5")  # weights of another shape
+    assert main(["caption", "--checkpoint", str(other_run), str(photos)]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "cannot load --checkpoint" in err
+
+
+def test_caption_names_a_broken_link_instead_of_dropping_it(tmp_path, run_folder, photos, capsys) -> None:
+    folder = tmp_path / "mixed"
+    shutil.copytree(photos, folder)
+    os.symlink(tmp_path / "gone.png", folder / "link.png")
+    assert main(["caption", "--checkpoint", str(run_folder), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 2
+    assert "link.png" in captured.err and "broken symbolic link" in captured.err
+
+
+# ------------------------------------------------------------------- the image reader
+
+
+def _odd_images(folder: Path) -> dict[str, Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    files = {}
+    gray16 = rng.integers(0, 65536, (24, 24), dtype=np.uint16)
+    files["gray16"] = folder / "gray16.png"
+    Image.fromarray(gray16).save(files["gray16"])
+    rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
+    files["rgba"] = folder / "rgba.png"
+    Image.fromarray(rgba, "RGBA").save(files["rgba"])
+    files["la"] = folder / "la.png"
+    Image.fromarray(rgba[..., :2], "LA").save(files["la"])
+    palette = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).quantize(16)
+    palette.info["transparency"] = 3
+    files["palette"] = folder / "palette.png"
+    palette.save(files["palette"], transparency=3)
+    files["gray_jpeg"] = folder / "gray.jpg"
+    Image.fromarray(rgba[..., 0]).save(files["gray_jpeg"], quality=95)
+    files["gif"] = folder / "anim.gif"
+    frames = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).quantize(32) for _ in range(2)]
+    frames[0].save(files["gif"], save_all=True, append_images=frames[1:])
+    return files
+
+
+def test_training_and_captioning_read_odd_images_alike(tmp_path) -> None:
+    import tensorflow as tf
+
+    from gpt2_effnet.data.images import decode_and_resize
+    from gpt2_effnet.image_input import read_image
+
+    for kind, path in _odd_images(tmp_path).items():
+        trained = decode_and_resize(tf.io.read_file(str(path)), 24).numpy()
+        captioned = read_image(path, 24)
+        diff = np.abs(trained - captioned)
+        assert diff.max() <= 1.0, (kind, diff.max())  # 16-bit: both scale; the rest: identical
+        assert 5 < captioned.mean() < 250, kind  # not white, not black
+
+
+def test_pixel_limit_applies_before_decoding_everywhere(tmp_path, tiny_config) -> None:
+    import tensorflow as tf
+
+    from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, caption_dataset
+    from gpt2_effnet.image_input import ImageTooLarge, read_image
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+
+    from PIL import Image
+
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "small.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "large.png")
+    with pytest.raises(ImageTooLarge, match="40x40 = 1,600 pixels"):
+        read_image(tmp_path / "large.png", SIZE, max_pixels=1000)
+    skips = SkipCounter()
+    pairs = [(str(tmp_path / "small.png"), "small"), (str(tmp_path / "large.png"), "large")]
+    spec = PipelineSpec(SIZE, 8, 2, shuffle=False, max_image_pixels=1000)
+    batches = list(caption_dataset(pairs, GPT2Tokenizer.default(), spec, skips=skips))
+    assert sum(int(b["images"].shape[0]) for b in batches) == 1
+    assert skips.unreadable == 1 and skips.unreadable_samples() == [str(tmp_path / "large.png")]
+    assert tf.is_tensor(batches[0]["images"])
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_non_finite_and_impossible_config_values_are_refused(tmp_path) -> None:
+    for text, key in (("optim:\n  learning_rate: .nan\n", "optim.learning_rate"),
+                      ("optim:\n  beta_2: .inf\n", "optim.beta_2"),
+                      ("model:\n  dropout: .nan\n", "model.dropout"),
+                      ("gpt2:\n  n_positions: 16\nmodel:\n  max_caption_length: 40\n", "model.max_caption_length")):
+        (tmp_path / "c.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            CaptionerConfig.load(tmp_path / "c.yaml")
+
+
+def test_train_command_names_a_folder_config_and_a_file_out(tmp_path, capsys) -> None:
+    assert main(["train", "--config", str(tmp_path), "--csv", "x.csv", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "is a folder" in err
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 1\n")
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["train", "--config", str(tmp_path / "c.yaml"), "--csv", "x.csv", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "--out" in err and "not a folder" in err
+
+
+def test_coco_with_null_or_non_string_captions_is_refused(tmp_path) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError, read_coco
+
+    for data, named in (({"images": None, "annotations": []}, "'images' must be a list"),
+                        ({"images": [{"id": 1, "file_name": "a.jpg"}],
+                          "annotations": [{"image_id": 1, "caption": None}]}, "captions must be strings"),
+                        ({"images": [{"id": 1, "file_name": "a.jpg"}],
+                          "annotations": [{"image_id": 1, "caption": ["a", "b"]}]}, "captions must be strings")):
+        (tmp_path / "c.json").write_text(json.dumps(data))
+        with pytest.raises(CaptionFileError, match=named):
+            read_coco(tmp_path / "c.json")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+@pytest.mark.slow  # trains
+def test_an_epoch_without_a_full_batch_stops_and_writes_no_config(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.loop import TrainingStopped
+
+    paths = _synthetic(tmp_path / "data", n=4, corrupt=6)  # 4 readable + 6 unreadable, batch 8
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 8, "steps": 5})
+    trainer = _trainer(config, tmp_path / "run", paths.train_csv)
+    with pytest.raises(TrainingStopped, match=r"no full batch.*10 example\(s\), 4 of them readable \(6 unreadable"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    # The corrected rerun is a new run, not "a different config".
+    fixed = _trainer(config.replace(train={"batch_size": 4, "steps": 2}), tmp_path / "run", paths.train_csv)
+    assert fixed.fit().step == 2
+
+
+@pytest.mark.slow  # trains
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training import DataSource, Trainer
+    from gpt2_effnet.training.loop import TrainingStopped
+
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.uniform(0, 255, (16, SIZE, SIZE, 3)).astype(np.float32),
+             "token_ids": rng.integers(0, 90, (16, 6)).astype(np.int32), "mask": np.ones((16, 6), np.int32)}
+    config = tiny_config(train={"batch_size": 8, "steps": 4, "checkpoint_every": 4, "log_every": 2})
+    Trainer(config, tmp_path / "run", DataSource.from_tensors(batch), show_progress=False, log=lambda _: None).fit()
+    weights = tmp_path / "run" / "captioner.weights.h5"
+    before = weights.read_bytes()
+    poisoned = {**batch, "images": np.full_like(batch["images"], np.nan)}
+    resumed = Trainer(config.replace(train={"steps": 8}), tmp_path / "run", DataSource.from_tensors(poisoned),
+                      show_progress=False, log=lambda _: None)
+    with pytest.raises(TrainingStopped, match="loss became nan"):
+        resumed.fit()
+    import tensorflow as tf
+
+    assert tf.train.latest_checkpoint(str(tmp_path / "run" / "checkpoints")).endswith("ckpt-4")
+    assert weights.read_bytes() == before
+
+
+@pytest.mark.slow  # trains
+def test_one_writer_per_run_folder(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.run_lock import LOCK_FILE, RunLocked
+
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2})
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": "x"}))
+        with pytest.raises(RunLocked, match=f"process {holder.pid}"):
+            _trainer(config, run, paths.train_csv)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without cleaning up: its lock is stale and taken over.
+    assert _trainer(config, run, paths.train_csv).fit().step == 2
+    assert not (run / LOCK_FILE).exists()
+
+
+@pytest.mark.slow  # trains
+def test_resume_notices_other_data_at_the_same_path(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.checkpoints import RunConfigMismatch
+
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2})
+    _trainer(config, tmp_path / "run", paths.train_csv).fit()
+    rows = paths.train_csv.read_text().splitlines()
+    paths.train_csv.write_text("\n".join(rows[:1] + rows[1:][::-1]) + "\n")  # same rows, other order, same size
+    with pytest.raises(RunConfigMismatch, match="data.train.sha1"):
+        _trainer(config.replace(train={"steps": 4}), tmp_path / "run", paths.train_csv)
+    assert _trainer(config.replace(train={"steps": 4}), tmp_path / "run", paths.train_csv, override=True).fit().step == 4
+
+
+@pytest.mark.slow  # trains
+def test_a_full_disk_is_one_line_and_loses_nothing(tmp_path, tiny_config, monkeypatch) -> None:
+    import tensorflow as tf
+
+    from gpt2_effnet.training import checkpoints
+
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2, "checkpoint_every": 2})
+    run = tmp_path / "run"
+    _trainer(config, run, paths.train_csv).fit()
+    weights = (run / "captioner.weights.h5").read_bytes()
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    with pytest.raises(checkpoints.OutOfSpace, match=r"not enough disk space in .*checkpoints to save step 4: about [\d.]+ MB needed"):
+        _trainer(config.replace(train={"steps": 4}), run, paths.train_csv).fit()
+    monkeypatch.undo()
+
+    def fill_up(self, *args, **kwargs):  # the disk fills half-way through TensorFlow's save
+        (run / "checkpoints" / "ckpt-4_temp").mkdir(exist_ok=True)
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", fill_up)
+    with pytest.raises(checkpoints.OutOfSpace, match="partial files were removed"):
+        _trainer(config.replace(train={"steps": 4}), run, paths.train_csv).fit()
+    monkeypatch.undo()
+    assert not (run / "checkpoints" / "ckpt-4_temp").exists()
+    assert tf.train.latest_checkpoint(str(run / "checkpoints")).endswith("ckpt-2")
+    assert not list(run.glob("partial-*"))
+    assert (run / "captioner.weights.h5").read_bytes() == weights
+
+
+@pytest.mark.slow  # trains
+def test_leftovers_are_removed_and_stale_weights_refreshed_at_start(tmp_path, tiny_config) -> None:
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2, "checkpoint_every": 2})
+    run = tmp_path / "run"
+    _trainer(config, run, paths.train_csv).fit()
+    (run / "checkpoints" / "ckpt-9_temp").mkdir()
+    (run / "partial-captioner.weights.h5").write_bytes(b"half")
+    weights = run / "captioner.weights.h5"
+    os.utime(weights, (1, 1))  # as if the export after the last checkpoint had been cut short
+    said: list[str] = []
+    _trainer(config, run, paths.train_csv, log=said.append)
+    assert not (run / "checkpoints" / "ckpt-9_temp").exists() and not (run / "partial-captioner.weights.h5").exists()
+    assert weights.stat().st_mtime > 1
+    assert any("re-exported" in line for line in said) and any("ckpt-9_temp" in line for line in said)
+
+
+@pytest.mark.slow  # trains
+def test_skips_are_counted_as_they_happen_and_a_ceiling_stops_the_run(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.loop import TrainingStopped
+
+    paths = _synthetic(tmp_path / "data", n=24, corrupt=2)
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 4, "log_every": 2, "shuffle_buffer": 0})
+    said: list[str] = []
+    result = _trainer(config, tmp_path / "run", paths.train_csv, log=said.append).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("skipped" in r and "skip_rate" in r for r in records if "loss" in r)
+    assert result.step == 4
+    assert any("bad0.jpg" in line for line in said)
+    # Mostly unreadable data stops at a log line instead of training on what is left.
+    bad = _synthetic(tmp_path / "bad", n=100, corrupt=150)
+    config = config.replace(train={"batch_size": 16, "steps": 40, "log_every": 4, "max_skip_rate": 0.2})
+    with pytest.raises(TrainingStopped, match=r"unreadable or missing \(\d+% > train.max_skip_rate 20%\)"):
+        _trainer(config, tmp_path / "run2", bad.train_csv).fit()
+
+
+def test_every_image_missing_is_named_before_the_model_is_built(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError
+
+    (tmp_path / "c.csv").write_text("image,caption\nnowhere/a.jpg,a dog\nnowhere/b.jpg,a cat\n")
+    config = tiny_config(real_vocabulary=True, train={"steps": 1})
+    with pytest.raises(CaptionFileError, match="none of the 2 image file"):
+        _trainer(config, tmp_path / "run", tmp_path / "c.csv")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_safetensors_file_is_a_weight_error_naming_it(tmp_path) -> None:
+    from gpt2_effnet.weights import WeightLoadError, load_gpt2
+
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 11, "n_positions": 8, "n_embd": 8, "n_layer": 1,
+                                                       "n_head": 2, "model_type": "gpt2"}))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
+    with pytest.raises(WeightLoadError, match="model.safetensors"):
+        load_gpt2(tmp_path)
