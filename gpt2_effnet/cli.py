@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("gpt2_effnet.commands.train", "train a captioner"),
     "caption": ("gpt2_effnet.commands.caption", "caption images with a trained captioner"),
     "evaluate": ("gpt2_effnet.commands.evaluate", "score captions with BLEU, ROUGE-L and CIDEr-D"),
+    "export": ("gpt2_effnet.commands.export", "write a TensorFlow SavedModel that captions encoded images"),
     "demo": ("gpt2_effnet.commands.demo", "train and evaluate a small captioner on the synthetic set"),
 }
 

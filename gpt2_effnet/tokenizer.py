@@ -250,6 +250,10 @@ class GPT2Tokenizer:
             extend(ids)
         return out
 
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each id stands for (special ids: none), so a graph can detokenise by lookup."""
+        return list(self._id_bytes) + [b""] * self._num_special
+
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
         """Text of token ids; ids >= vocab_size (BOS and other extra specials) are skipped."""
         if isinstance(ids, np.ndarray):

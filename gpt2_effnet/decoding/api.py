@@ -58,6 +58,16 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
     programs = model.__dict__.setdefault(_CACHE_ATTR, {})  # plain dict: bypasses Keras' attribute tracking
     if key in programs:
         return programs[key]
+    # A model that is not compiled would need no cache attribute, but a cached eager
+    # function costs nothing and keeps one code path.
+    programs[key] = compile_loop(decode_function(model, config, use_cache), compile=compile, jit_compile=jit)
+    return programs[key]
+
+
+def decode_function(model: Any, config: GenerationConfig, use_cache: bool = True) -> Callable:
+    """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
+    ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it; the SavedModel
+    export traces it into its serving graph."""
     captioner = model if _is_captioner(model) else None
     decode_model = DecodeModel(model.decoder if captioner is not None else model, use_cache=use_cache)
 
@@ -69,10 +79,7 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
             return beam_loop(decode_model, prompt, image_kv, config)
         return token_loop(decode_model, prompt, image_kv, seed, config)
 
-    # A model that is not compiled would need no cache attribute, but a cached eager
-    # function costs nothing and keeps one code path.
-    programs[key] = compile_loop(run, compile=compile, jit_compile=jit)
-    return programs[key]
+    return run
 
 
 def _as_prompt(input_ids: Any, vocab_size: int, max_new_tokens: int, n_positions: int) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Deployment: a TensorFlow SavedModel with the whole captioner inside (:mod:`.export`)."""
