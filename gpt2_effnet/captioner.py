@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import keras
+import numpy as np
 
 from .config import CaptionerConfig, ConfigError
 from .encoder import ImageEncoder
@@ -100,6 +101,22 @@ class Captioner(keras.Model):
         """The decoder's last hidden states ``[B, T, W]``; ``decoder.head`` turns them into logits."""
         image_kv = self.encode_images(inputs["images"], training=training)
         return self.decoder.hidden_states(inputs["token_ids"], image_kv=image_kv, training=training)
+
+    def attention_maps(self, images: Any, caption_ids: Any) -> np.ndarray:
+        """Where each caption token looked: ``[B, n_layer, T, h, w]`` float32, mean over heads.
+
+        ``caption_ids [B, T]`` are generated tokens (BOS not included, as
+        :meth:`generate` returns them); entry ``t`` is the cross-attention over the image
+        grid at the step that produced token ``t``. One extra forward pass, after decoding.
+        """
+        caption_ids = np.asarray(keras.ops.convert_to_numpy(caption_ids), np.int32)
+        bos = np.full((caption_ids.shape[0], 1), self.decoder.gpt2_config.vocab_size, np.int32)
+        inputs = np.concatenate([bos, caption_ids[:, :-1]], axis=1)
+        image_kv = self.encode_images(images, training=False)
+        weights = keras.ops.convert_to_numpy(self.decoder.cross_attention_weights(inputs, image_kv))
+        height, width = self.encoder.grid
+        batch, layers, _, steps, _ = weights.shape
+        return weights.mean(axis=2).reshape(batch, layers, steps, height, width).astype(np.float32)
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, images: Any, **kwargs: Any) -> Any:

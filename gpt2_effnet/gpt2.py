@@ -221,6 +221,22 @@ class GPT2Decoder(keras.Model):
             x, _ = block(x, image_kv=kv, padding_mask=padding_mask, training=training)
         return x
 
+    def cross_attention_weights(self, token_ids: Any, image_kv: Any) -> Any:
+        """Each block's cross-attention weights over the image, ``[B, n_layer, n_head, T, S]`` (float32).
+
+        A full forward over given tokens: for a generated caption fed back with its BOS,
+        position t holds the attention that produced token t + 1 (the model is causal, so
+        this is exactly what the decode loop computed). Decoding itself never pays for it.
+        """
+        token_ids = ops.convert_to_tensor(token_ids)
+        position_ids = ops.expand_dims(ops.arange(ops.shape(token_ids)[1], dtype="int32"), 0)
+        x = self._embed(token_ids, position_ids, training=False)
+        maps = []
+        for i, block in enumerate(self.blocks):
+            x, _, weights = block(x, image_kv=image_kv[:, i], return_attention=True)
+            maps.append(weights)
+        return ops.stack(maps, axis=1)
+
     # -- incremental decoding ----------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Any:
         """Zeroed key/value cache ``[B, n_layer, 2, max_length, n_head, head_dim]``."""

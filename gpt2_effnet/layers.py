@@ -22,19 +22,21 @@ from keras import ops
 _MASK_VALUE = -1e9
 
 
-def attend(query: Any, key: Any, value: Any, mask: Any | None = None) -> Any:
+def attend(query: Any, key: Any, value: Any, mask: Any | None = None, return_weights: bool = False) -> Any:
     """Scaled dot-product attention over ``[B, T, H, D]`` tensors; mask broadcasts to [B, H, T, S].
 
     Scores and softmax run in float32 whatever the compute dtype, as in GPT-2, so
-    mixed precision does not change which token wins.
+    mixed precision does not change which token wins. ``return_weights`` also gives the
+    float32 attention weights ``[B, H, T, S]`` (for attention maps; off in every hot path).
     """
     depth = ops.shape(query)[-1]
     scores = ops.einsum("bthd,bshd->bhts", query, key)
     scores = ops.cast(scores, "float32") / math.sqrt(depth)
     if mask is not None:
         scores = ops.where(mask, scores, ops.full_like(scores, _MASK_VALUE))
-    weights = ops.cast(ops.softmax(scores, axis=-1), value.dtype)
-    return ops.einsum("bhts,bshd->bthd", weights, value)
+    probabilities = ops.softmax(scores, axis=-1)
+    out = ops.einsum("bhts,bshd->bthd", ops.cast(probabilities, value.dtype), value)
+    return (out, probabilities) if return_weights else out
 
 
 def attention_mask(query_length: Any, key_length: int, query_offset: Any, causal: bool) -> Any | None:
@@ -144,15 +146,18 @@ class CrossAttention(keras.layers.Layer):
         )
         return ops.transpose(kv, (0, 2, 1, 3, 4))
 
-    def call(self, x: Any, image_kv: Any, training: bool | None = None) -> Any:
+    def call(self, x: Any, image_kv: Any, training: bool | None = None, return_attention: bool = False) -> Any:
+        """``return_attention``: also the per-head weights over the image ``[B, H, T, S]``."""
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, self.width // self.num_heads))
         image_kv = ops.cast(image_kv, query.dtype)
-        out = attend(query, image_kv[:, 0], image_kv[:, 1])
+        out = attend(query, image_kv[:, 0], image_kv[:, 1], return_weights=return_attention)
+        if return_attention:
+            out, weights = out
         out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, self.width))), training=training)
         if self.gated:
             out = out * ops.cast(ops.tanh(self.gate), out.dtype)
-        return out
+        return (out, weights) if return_attention else out
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_heads": self.num_heads, "gated": self.gated, "dropout": self.dropout}
@@ -213,18 +218,24 @@ class TransformerBlock(keras.layers.Layer):
         image_kv: Any | None = None,
         padding_mask: Any | None = None,
         training: bool | None = None,
-    ) -> tuple[Any, Any | None]:
+        return_attention: bool = False,
+    ) -> tuple[Any, ...]:
+        """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``."""
         attended, cache = self.attn(
             self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training
         )
         x = x + attended
+        weights = None
         if image_kv is not None:
             if self.cross_attention is None:
                 raise ValueError(f"{self.name} has no cross-attention but was given image keys/values")
-            x = x + self.crossattention(self.ln_cross_attn(x), image_kv, training=training)
+            crossed = self.crossattention(self.ln_cross_attn(x), image_kv, training=training, return_attention=return_attention)
+            if return_attention:
+                crossed, weights = crossed
+            x = x + crossed
         hidden = keras.activations.gelu(self.c_fc(self.ln_2(x)), approximate=True)
         x = x + self.mlp_dropout(self.c_proj(hidden), training=training)
-        return x, cache
+        return (x, cache, weights) if return_attention else (x, cache)
 
     def get_config(self) -> dict[str, Any]:
         return {

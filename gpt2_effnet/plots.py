@@ -79,3 +79,35 @@ def caption_grid(
     fig.savefig(out)
     plt.close(fig)
     return Path(out)
+
+
+def attention_figure(image: np.ndarray, words: Sequence[str], maps: np.ndarray, out: str | os.PathLike) -> Path:
+    """The image, then one panel per word with its attention map (upsampled, bilinear) over it.
+
+    ``image`` is ``[S, S, 3]`` in 0..255, ``maps`` ``[n_words, h, w]``.
+    """
+    from PIL import Image
+
+    plt = _pyplot()
+    panels = len(words) + 1
+    columns = min(panels, 6)
+    rows = (panels + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.4 * rows), squeeze=False)
+    picture = np.clip(image, 0, 255).astype(np.uint8)
+    size = picture.shape[:2]
+    for ax in axes.ravel():
+        ax.axis("off")
+    axes[0, 0].imshow(picture)
+    axes[0, 0].set_title(textwrap.shorten(" ".join(words), 40), fontsize=8)
+    for index, (word, grid) in enumerate(zip(words, maps), start=1):
+        ax = axes.ravel()[index]
+        heat = Image.fromarray(np.asarray(grid, np.float32)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        heat = np.asarray(heat)
+        ax.imshow(picture)
+        ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0.0, vmax=max(float(heat.max()), 1e-6))
+        ax.set_title(word, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -7,8 +7,8 @@ stderr and skipped; the others are still captioned.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--xla", action="store_true",
                         help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
     parser.add_argument("--out", default=None, help="output .jsonl or .csv (default: JSON lines on stdout)")
+    parser.add_argument("--attention", default=None, metavar="DIR",
+                        help="also write, per image, a picture of each word's cross-attention map (DIR is created)")
     parser.add_argument("--tokenizer", default=None, help="vocabulary folder (default: the one training saved in RUN_DIR/tokenizer, else GPT-2's)")
 
 
@@ -145,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
                 raise ValueError(f"--out must end in .jsonl or .csv, got {args.out!r}")
             out_format = suffix[1:]
             check_writable(args.out)
+        if args.attention and Path(args.attention).exists() and not Path(args.attention).is_dir():
+            raise ValueError(f"--attention {args.attention} is a file; give a folder for the pictures")
         paths, unusable = find_images(args.inputs, args.recursive)
         checkpoint = Path(args.checkpoint)
         size, max_pixels = _check_checkpoint(checkpoint)
@@ -164,16 +168,42 @@ def main(args: argparse.Namespace) -> int:
     config = model.captioner_config
     size, max_pixels = config.model.image_size, config.train.max_image_pixels
 
+    attention_dir = Path(args.attention) if args.attention else None
+    pending: list[tuple[np.ndarray, Any]] = []  # this batch's (pixels, CaptionAttention), in order
+
     def captions_for(images: np.ndarray) -> list[str]:
-        return caption_strings(model, images, tokenizer=tokenizer, **kwargs)
+        if attention_dir is None:
+            return caption_strings(model, images, tokenizer=tokenizer, **kwargs)
+        from ..attention import captions_with_attention
+
+        settings = {k: v for k, v in kwargs.items() if k != "jit_compile"}
+        results = captions_with_attention(model, images, tokenizer, **settings)
+        pending[:] = list(zip(images, results))
+        return [r.caption for r in results]
+
+    def write_picture(path: Path) -> None:
+        from ..plots import attention_figure
+
+        pixels, result = pending.pop(0)
+        target = attention_dir / f"{Path(path).stem}.attention.png"
+        counter = 1
+        while target.exists():
+            target = attention_dir / f"{Path(path).stem}-{counter}.attention.png"
+            counter += 1
+        attention_figure(pixels, result.words, result.layer_mean(), target)
 
     bad: list[tuple[Any, str]] = list(unusable)
     rows: list[tuple[Path, str]] = []
     stream_out = None if args.out else _Writer(sys.stdout, out_format)
+    if attention_dir is not None:
+        attention_dir.mkdir(parents=True, exist_ok=True)
     for path, caption, error in caption_files(paths, size, args.batch_size, captions_for, max_pixels):
         if error is not None:
             bad.append((path, error))
-        elif stream_out is not None:
+            continue
+        if attention_dir is not None:
+            write_picture(path)
+        if stream_out is not None:
             stream_out.write(path, caption)
             rows.append((path, caption))
         else:
