@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e '.[cpu,dali,tests]'
 	# DALI's TensorFlow plugin compiles against the installed TensorFlow.
 	$(PIP) install -q --no-build-isolation nvidia-dali-tf-plugin-cuda120
+	# Debian's chromium + chromium-driver for the page test in a real browser (the test is
+	# skipped, saying why, where apt-get cannot install them).
+	command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
+	  echo "chromium could not be installed: tests/test_serve.py's browser test will be skipped"
 	touch $(STAMP)
 
 # The demo needs only TensorFlow and the scorers: a fresh clone reaches training sooner.

@@ -44,14 +44,23 @@ def group_words(tokenizer: Any, token_ids: list[int]) -> list[tuple[str, list[in
 
 def captions_with_attention(captioner: Any, images: Any, tokenizer: Any, **generation: Any) -> list[CaptionAttention]:
     """Caption ``images`` (keywords as ``generate()``) and return each caption with its word maps."""
-    from .decoding import cut_at_eos, generate_captions
+    from .decoding import generate_captions
 
     generation.setdefault("eos_token_id", tokenizer.eos_token_id)
     ids = np.asarray(generate_captions(captioner, images, **generation))
+    return attention_for_captions(captioner, images, ids, tokenizer, generation["eos_token_id"])
+
+
+def attention_for_captions(
+    captioner: Any, images: Any, ids: np.ndarray, tokenizer: Any, eos_token_id: int | None
+) -> list[CaptionAttention]:
+    """Word maps for captions already generated (``ids [B, T]``, BOS not included)."""
+    from .decoding import cut_at_eos
+
     maps = captioner.attention_maps(images, ids)
     results = []
-    for row, row_maps in zip(ids, maps):
-        tokens = cut_at_eos(row, generation["eos_token_id"])
+    for row, row_maps in zip(np.asarray(ids), maps):
+        tokens = cut_at_eos(row, eos_token_id)
         token_maps = np.moveaxis(row_maps[:, : len(tokens)], 1, 0)  # [n_tokens, n_layer, h, w]
         words = group_words(tokenizer, tokens)
         word_maps = (

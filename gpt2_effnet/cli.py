@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("gpt2_effnet.commands.caption", "caption images with a trained captioner"),
     "evaluate": ("gpt2_effnet.commands.evaluate", "score captions with BLEU, ROUGE-L and CIDEr-D"),
     "export": ("gpt2_effnet.commands.export", "write a TensorFlow SavedModel that captions encoded images"),
+    "serve": ("gpt2_effnet.commands.serve", "an HTTP captioning service with a page (batched requests)"),
     "demo": ("gpt2_effnet.commands.demo", "train and evaluate a small captioner on the synthetic set"),
 }
 

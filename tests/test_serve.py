@@ -1,0 +1,230 @@
+"""``gpt2-effnet serve`` against a real server on 127.0.0.1 (tiny model): the API, batching of
+concurrent requests, every kind of bad input as a 4xx JSON error, and the page in a real
+headless Chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIZE = 32
+MAX_BYTES = 40_000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_config) -> Path:
+    from gpt2_effnet.captioner import Captioner
+
+    model = Captioner(tiny_config(real_vocabulary=True, gpt2={"n_positions": 16, "n_embd": 16, "n_layer": 1},
+                                  model={"image_size": SIZE, "max_caption_length": 6, "feature_stride": 8},
+                                  train={"max_image_pixels": 50 * 50}))
+    rng = np.random.default_rng(4)
+    backbone = {id(v) for v in model.encoder.backbone.weights}
+    for variable in model.weights:
+        if id(variable) not in backbone:
+            variable.assign(rng.normal(0, 0.4, variable.shape).astype("float32"))
+    return model.save_pretrained(tmp_path_factory.mktemp("serve") / "run")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    """The app on a free port of 127.0.0.1, in its own event loop thread."""
+    from aiohttp import web
+
+    from gpt2_effnet.serving.server import load_engine, make_app
+
+    engine = load_engine(str(run_dir), max_batch=4)
+    app = make_app(engine, max_batch=4, max_wait_ms=300.0, queue_size=16, max_bytes=MAX_BYTES)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    ready = threading.Event()
+    holder: dict = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        holder["port"] = site._server.sockets[0].getsockname()[1]
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(60)
+    yield f"http://127.0.0.1:{holder['port']}", app
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(30)
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image(seed: int, size: int = SIZE) -> bytes:
+    return _png(np.random.default_rng(seed).integers(0, 255, (size, size, 3)))
+
+
+def _request(url: str, data: bytes | None = None, content_type: str = "application/octet-stream") -> tuple[int, dict | str]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type} if data is not None else {})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            status, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        status, body = err.code, err.read().decode()
+    try:
+        return status, json.loads(body)
+    except json.JSONDecodeError:
+        return status, body
+
+
+def _multipart(data: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+                 f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_health_and_captions_by_body_and_by_form(server, run_dir) -> None:
+    from gpt2_effnet.captioner import Captioner
+    from gpt2_effnet.decoding import caption_strings
+    from gpt2_effnet.image_input import read_image
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+
+    url, _ = server
+    assert _request(url + "/health")[1]["status"] == "ok"
+    image = _image(1)
+    status, raw = _request(url + "/caption?beams=2", image)
+    assert status == 200, raw
+    body, content_type = _multipart(image, {"beams": "2"})
+    status, form = _request(url + "/caption", body, content_type)
+    assert status == 200, form
+    model = Captioner.load(run_dir)
+    expected = caption_strings(model, read_image(image, SIZE)[None], tokenizer=GPT2Tokenizer.for_run(run_dir), num_beams=2)
+    assert raw["caption"] == form["caption"] == expected[0]
+    assert isinstance(raw["score"], float) and raw["tokens"]
+
+
+def test_attention_comes_back_per_word(server) -> None:
+    url, _ = server
+    status, body = _request(url + "/caption?attention=1", _image(2))
+    assert status == 200, body
+    attention = body["attention"]
+    assert attention["grid"] == [4, 4]
+    assert len(attention["maps"]) == len(attention["words"]) > 0
+    assert " ".join(attention["words"]).replace(" ", "") == body["caption"].replace(" ", "")
+    for grid in attention["maps"]:
+        assert len(grid) == 16 and abs(sum(grid) - 1.0) < 1e-3
+
+
+def test_concurrent_requests_share_a_decode_call(server) -> None:
+    url, app = server
+    batcher = app["batcher"]
+    before = batcher.batches
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda seed: _request(url + "/caption", _image(10 + seed)), range(8)))
+    assert all(status == 200 for status, _ in results), results
+    assert batcher.batches - before < 8  # at most 4 per call: at least two requests shared one
+
+
+@pytest.mark.parametrize("name, data, query, status, named", [
+    ("not an image", b"hello, this is text", "", 400, "not a readable image"),
+    ("zero bytes", b"", "", 400, "no image"),
+    ("truncated", None, "", 400, "not a readable image"),
+    ("over the pixel limit", None, "", 413, "over the limit of 2,500"),
+    ("over the byte limit", None, "", 413, f"over the limit of {MAX_BYTES:,} bytes"),
+    ("beams 0", None, "beams=0", 400, "beams must be"),
+    ("top_p 1.5", None, "top_p=1.5", 400, "top_p must be in [0, 1]"),
+    ("top_p nan", None, "top_p=nan", 400, "top_p: expected a number"),
+    ("unknown setting", None, "colour=red", 400, "unknown setting 'colour'"),
+    ("beams with sampling", None, "beams=2&top_p=0.9", 400, "cannot be combined"),
+])
+def test_bad_input_is_a_4xx_json_error_and_the_service_goes_on(server, name, data, query, status, named) -> None:
+    url, _ = server
+    if data is None:
+        data = {
+            "truncated": _image(3)[:80],
+            "over the pixel limit": _image(3, size=60),
+            "over the byte limit": _png(np.random.default_rng(5).integers(0, 255, (200, 200, 3))),
+        }.get(name, _image(3))
+    got, body = _request(url + "/caption" + (f"?{query}" if query else ""), data)
+    assert got == status, (name, body)
+    assert isinstance(body, dict) and named in body["error"], (name, body)
+    assert _request(url + "/caption", _image(4))[0] == 200
+
+
+def test_no_path_from_a_request_reaches_the_disk(server) -> None:
+    url, _ = server
+    for path in ("/config.yaml", "/captioner.weights.h5", "/../config.yaml", "/%2e%2e/config.yaml", "/static/../x"):
+        status, _ = _request(url + path)
+        assert status == 404, path
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+def test_the_page_in_a_real_browser(server, tmp_path) -> None:
+    found = _chromium()
+    if found is None:
+        pytest.skip("no chromium + chromedriver on PATH (make test installs Debian's chromium and chromium-driver "
+                    "where apt-get can; it could not here)")
+    import os
+
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium fetch a browser or driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = found
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=900,1100"):
+        options.add_argument(flag)
+    url, _ = server
+    picture = tmp_path / "upload.png"
+    grey = 128 + np.random.default_rng(7).integers(-20, 20, (SIZE, SIZE, 3))
+    picture.write_bytes(_png(grey))  # a plain picture, so the heat-map shows in the screenshot
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(url + "/")
+        assert "gpt2-effnet" in driver.title
+        driver.find_element(By.ID, "file").send_keys(str(picture))
+        WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#caption span"))
+        words = driver.find_elements(By.CSS_SELECTOR, "#caption span")
+        caption = " ".join(w.text for w in words)
+        assert caption.strip() and driver.find_element(By.ID, "error").text == ""
+        ActionChains(driver).move_to_element(words[0]).perform()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "heat").get_attribute("data-word"))
+        assert driver.find_element(By.ID, "heat").get_attribute("data-word") == words[0].text
+        assert "on" in words[0].get_attribute("class")
+        painted = driver.execute_script(
+            "const c = document.getElementById('heat').getContext('2d');"
+            "const d = c.getImageData(0, 0, 320, 320).data; let n = 0;"
+            "for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n;")
+        assert painted > 320 * 320 // 2, painted  # the heat-map covers the picture
+        driver.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        driver.quit()
