@@ -1,4 +1,4 @@
-"""The SavedModel export: TensorFlow alone (gpt2_effnet blocked from import) gets the same
+"""The SavedModel export: TensorFlow alone (gpt2_effnet blocked from import, and saved_model_cli) gets the same
 captions, token for token, as ``gpt2-effnet caption`` with the same settings; bad bytes in
 a batch give an empty caption and ok = False for that row only."""
 
@@ -94,6 +94,14 @@ def test_greedy_export_captions_like_the_caption_command(run_and_images, tmp_pat
     assert out["captions"][1] == out["captions"][3] == ""
     np.testing.assert_array_equal(np.array([out["ids"][i] for i in (0, 2, 4)]), ids)
     assert len(set(captions)) > 1, "the inputs should give different captions, or the check proves little"
+    # saved_model_cli runs it the TF1 way (as TF Serving's loader does), again without us.
+    np.save(tmp_path / "in.npy", np.array([good[0].read_bytes(), b"junk"]))  # fixed-width bytes: no pickle
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    proc = subprocess.run([str(cli), "run", "--dir", str(tmp_path / "sm"), "--tag_set", "serve",
+                           "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'in.npy'}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert captions[0] in proc.stdout and "[ True False]" in proc.stdout, proc.stdout
     # And what the caption command writes for the same files.
     assert main(["caption", "--checkpoint", str(run), *map(str, good), "--out", str(tmp_path / "c.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "c.jsonl").read_text().splitlines()]

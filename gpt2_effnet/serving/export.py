@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -73,8 +74,8 @@ def header_pixels(data: tf.Tensor) -> tf.Tensor:
     )
 
 
-class CaptionModule(tf.Module):
-    """The exported object: the captioner's variables, the vocabulary table and ``serve``."""
+class CaptionModule:
+    """What the export traces: the captioner, its decode settings, the vocabulary table."""
 
     def __init__(
         self,
@@ -84,7 +85,6 @@ class CaptionModule(tf.Module):
         seed: int = 0,
         **generation: Any,
     ) -> None:
-        super().__init__(name="gpt2_effnet_captioner")
         self.model = model
         generation.setdefault("eos_token_id", tokenizer.eos_token_id)
         self.config = make_config(model, **generation)
@@ -128,12 +128,16 @@ class CaptionModule(tf.Module):
         new = self.config.max_new_tokens
         ids = tf.TensorArray(tf.int32, size=chunks, element_shape=[batch, new])
         scores = tf.TensorArray(tf.float32, size=chunks, element_shape=[batch])
-        for chunk in tf.range(chunks):
+
+        def body(chunk: tf.Tensor, ids: tf.TensorArray, scores: tf.TensorArray) -> tuple:
             images = tf.ensure_shape(padded[chunk * batch : (chunk + 1) * batch], [batch, size, size, 3])
             out = self._run(prompt, images, tf.constant(self.seed, tf.int32))
             sequences = tf.cast(out["sequences"], tf.int32)[:, 1 : 1 + new]
             ids = ids.write(chunk, tf.ensure_shape(sequences, [batch, new]))
             scores = scores.write(chunk, tf.cast(out["scores"], tf.float32))
+            return chunk + 1, ids, scores
+
+        _, ids, scores = tf.while_loop(lambda chunk, *_: chunk < chunks, body, (tf.constant(0), ids, scores))
         return ids.concat()[:count], scores.concat()[:count]
 
     def _detokenize(self, ids: tf.Tensor) -> tf.Tensor:
@@ -146,8 +150,8 @@ class CaptionModule(tf.Module):
         text = tf.strings.unicode_transcode(text, "UTF-8", "UTF-8", errors="replace", replacement_char=0xFFFD)
         return tf.strings.strip(text)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="images")])
     def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        """The serving function (traced by the export, with AutoGraph off)."""
         pixels, ok = self._decode_all(images)
         ids, scores = self._caption_chunks(pixels)
         captions = tf.where(ok, self._detokenize(ids), "")
@@ -175,7 +179,13 @@ def export_saved_model(
         import shutil
 
         shutil.rmtree(partial)
-    tf.saved_model.save(module, str(partial), signatures={"serving_default": module.serve})
+    # Keras' ExportArchive tracks the model's variables the way TF Serving's (TF1-style)
+    # loader restores them; a plain tf.saved_model.save of the same function loads in
+    # TF2 but not in saved_model_cli run / TF Serving.
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serve", module.serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+    archive.write_out(str(partial), verbose=False)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} exists already; remove it or export elsewhere")
     partial.rename(out_dir)
