@@ -156,6 +156,8 @@ def _odd_images(folder: Path) -> dict[str, Path]:
     palette.save(files["palette"], transparency=3)
     files["gray_jpeg"] = folder / "gray.jpg"
     Image.fromarray(rgba[..., 0]).save(files["gray_jpeg"], quality=95)
+    files["cmyk_jpeg"] = folder / "cmyk.jpg"
+    Image.fromarray(rgba, "CMYK").save(files["cmyk_jpeg"], quality=95)
     files["gif"] = folder / "anim.gif"
     frames = [Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).quantize(32) for _ in range(2)]
     frames[0].save(files["gif"], save_all=True, append_images=frames[1:])
