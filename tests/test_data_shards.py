@@ -210,3 +210,25 @@ def test_dali_shuffled_epoch_and_endless_stream(dali, shards, tok) -> None:
     endless = dali.dali_dataset(pattern, tok, PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, repeat=True), device="cpu")
     batches = list(endless.take(7))  # 28 samples > the 18 in one epoch
     assert all(b["images"].shape == (4, SIZE, SIZE, 3) for b in batches)
+
+
+def test_dali_and_tfdata_skip_images_over_the_pixel_limit_from_their_header(dali, tmp_path, tok) -> None:
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    sizes = [16, 60, 16, 70, 16, 16]
+    with wds.TarWriter(str(tmp_path / "p.tar"), encoder=False) as writer:
+        for i, side in enumerate(sizes):
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((side, side, 3), 40 * i, np.uint8)).save(buffer, format="JPEG")
+            writer.write({"__key__": f"{i:09d}", "jpg": buffer.getvalue(), "txt": f"picture {i}".encode()})
+    spec = PipelineSpec(SIZE, MAX_LEN, 2, shuffle=False, max_image_pixels=50 * 50)
+    kept = {}
+    for name, make in (("tfdata", wds_dataset), ("dali", lambda *a, **k: dali.dali_dataset(*a, device="cpu", **k))):
+        skips = SkipCounter()
+        out = collect(make(str(tmp_path / "p.tar"), tok, spec, skips=skips))
+        kept[name] = out["token_ids"]
+        assert len(out["token_ids"]) == 4 and skips.unreadable == 2, name
+    np.testing.assert_array_equal(kept["tfdata"], kept["dali"])

@@ -21,6 +21,8 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, Tokenizer, pipeline_options, text_tokenizer_fn
 from gpt2_effnet.data.shards import IMAGE_EXTS, index_path_for
 from gpt2_effnet.data.wds import plan_shards
@@ -40,6 +42,17 @@ def _gpu_present() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _stand_in_jpeg() -> bytes:
+    """An 8 x 8 grey JPEG: what an image over the pixel limit is decoded as before it is dropped."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="JPEG")
+    return buffer.getvalue()
 
 
 def dali_dataset(
@@ -84,8 +97,15 @@ def dali_dataset(
     pipe_seed = -1 if spec.seed is None else int(spec.seed)
     batch_size, image_size, repeat = spec.batch_size, spec.image_size, spec.repeat
 
+    limit = spec.max_image_pixels
+    # An image whose header announces more than the limit is swapped for a tiny stand-in
+    # before the decoder sees it (DALI cannot drop a sample mid-pipeline), flagged, and
+    # dropped and counted on the TensorFlow side.
+    stand_in = np.frombuffer(_stand_in_jpeg(), np.uint8)
+
     @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
-                  device_id=device_id if use_gpu else None, seed=pipe_seed, prefetch_queue_depth=2)
+                  device_id=device_id if use_gpu else None, seed=pipe_seed, prefetch_queue_depth=2,
+                  enable_conditionals=limit is not None)
     def pipeline():
         jpegs, texts = fn.readers.webdataset(
             paths=paths,
@@ -100,16 +120,27 @@ def dali_dataset(
             pad_last_batch=not repeat,
             name="reader",
         )
+        if limit is not None:
+            shape = fn.peek_image_shape(jpegs)
+            too_big = fn.cast(shape[0], dtype=types.INT64) * fn.cast(shape[1], dtype=types.INT64) > limit
+            if too_big:
+                jpegs = fn.cast(types.Constant(stand_in), dtype=types.UINT8)
+            else:
+                jpegs = jpegs
         images = fn.decoders.image(jpegs, device="mixed" if use_gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, resize_x=image_size, resize_y=image_size,
                            interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
         # Variable-length bytes are padded to the longest caption of the batch for TensorFlow.
         texts = fn.pad(texts, fill_value=0)
+        if limit is not None:
+            return images, texts, too_big
         return images, texts
 
     pipe = pipeline()
     shapes = ((batch_size, image_size, image_size, 3), (batch_size, None))
     dtypes = (tf.float32, tf.uint8)
+    if limit is not None:
+        shapes, dtypes = shapes + ((batch_size,),), dtypes + (tf.bool,)
     # The dataset lives on the CPU so the tokeniser can follow it in tf.data; with GPU decode
     # DALI copies the finished batch to host memory once.
     with tf.device("/cpu:0"):
@@ -121,12 +152,20 @@ def dali_dataset(
         last = n - (steps - 1) * batch_size  # real samples in the final batch
         ds = ds.take(steps).enumerate()
 
-        def trim(step: tf.Tensor, images: tf.Tensor, texts: tf.Tensor):
+        def trim(step: tf.Tensor, *batch: tf.Tensor):
             # DALI pads the final batch by repeating the last sample; keep the real ones only.
             keep = tf.where(step == steps - 1, last, batch_size)
-            return images[:keep], texts[:keep]
+            return tuple(part[:keep] for part in batch)
 
         ds = ds.map(lambda step, batch: trim(step, *batch))
+    if limit is not None:
+        def count_and_drop(images: tf.Tensor, texts: tf.Tensor, too_big: tf.Tensor):
+            with tf.control_dependencies([skips.add_unreadable(tf.reduce_sum(tf.cast(too_big, tf.int64)))]):
+                keep = tf.logical_not(too_big)
+                return tf.boolean_mask(images, keep), tf.boolean_mask(texts, keep)
+
+        # Sequential (no parallel calls): the count is read-then-written.
+        ds = ds.map(count_and_drop).unbatch().batch(batch_size, drop_remainder=spec.drop_remainder)
     tokenize = text_tokenizer_fn(tokenizer, spec.max_length)
 
     def to_dict(images: tf.Tensor, texts: tf.Tensor) -> dict[str, tf.Tensor]:

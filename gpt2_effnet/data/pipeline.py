@@ -32,6 +32,12 @@ class Tokenizer(Protocol):
     def batch_encode(self, texts: Sequence[str], max_length: int, add_bos: bool = True, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+def _counter_key() -> "tf.Tensor":
+    import tensorflow as tf
+
+    return tf.zeros([1], tf.int64)
+
+
 class SkipCounter:
     """Samples one worker's pipeline dropped: `missing` (file absent, known up front) and
     `unreadable` (decode failed). Read it at the end of an epoch.
@@ -48,6 +54,7 @@ class SkipCounter:
         self.num_samples = 0  # samples this worker tries to read per epoch (missing excluded)
         self._attempted = None
         self._decoded = None
+        self._dropped = None
         self._describe: Callable[[int], str] = str
 
     def bind(self, num_samples: int, missing: int, describe: Callable[[int], str] | None = None) -> None:
@@ -67,6 +74,8 @@ class SkipCounter:
         with tf.device("/cpu:0"):
             self._attempted = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
             self._decoded = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
+            # Samples dropped where no index is known (DALI's over-limit images): one counter, key 0.
+            self._dropped = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
 
     def _mark(self, table: "tf.lookup.experimental.MutableHashTable", index: "tf.Tensor") -> "tf.Operation":
         import tensorflow as tf
@@ -91,11 +100,20 @@ class SkipCounter:
         with tf.control_dependencies([done]):
             return tf.identity(image)
 
+    def add_unreadable(self, count: "tf.Tensor") -> "tf.Operation":
+        """Graph code: count ``count`` more unreadable samples that have no index (not named in reports)."""
+        import tensorflow as tf
+
+        key = tf.zeros([1], tf.int64)
+        total = self._dropped.lookup(key) + tf.reshape(tf.cast(count, tf.int64), [1])
+        return self._dropped.insert(key, total)
+
     @property
     def unreadable(self) -> int:
         if self._attempted is None:
             return 0
-        return int(self._attempted.size()) - int(self._decoded.size())
+        dropped = int(self._dropped.lookup(_counter_key())[0])
+        return int(self._attempted.size()) - int(self._decoded.size()) + dropped
 
     @property
     def attempted(self) -> int:
