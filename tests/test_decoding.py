@@ -333,3 +333,23 @@ def test_torch_backend_captions_without_tensorflow(torch_run) -> None:
     output = log.read_text()
     assert process.returncode == 0, output
     assert "ok" in output
+
+
+def test_batch_sizes_share_a_compiled_program_per_bucket(captioner, rng) -> None:
+    """Greedy and beam search pad the batch to a bucket: batch 3 reuses batch 4's trace, same rows."""
+    import keras
+
+    from gpt2_effnet.decoding.api import bucket_size
+
+    assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 63, 64, 65, 130)] == [1, 2, 4, 4, 8, 64, 64, 128, 192]
+    images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
+    for kwargs in ({"max_new_tokens": 5}, {"max_new_tokens": 5, "num_beams": 2}):
+        four = generate_captions(captioner, images, eos_token_id=0, **kwargs)
+        three = generate_captions(captioner, images[:3], eos_token_id=0, **kwargs)
+        eager = generate_captions(captioner, images[:3], eos_token_id=0, compile=False, **kwargs)
+        np.testing.assert_array_equal(three, eager)
+        np.testing.assert_array_equal(three, four[:3, : three.shape[1]])
+    if keras.backend.backend() == "tensorflow":
+        programs = captioner.__dict__["_gpt2_effnet_decode_programs"]
+        traced = [p.experimental_get_tracing_count() for p in programs.values() if hasattr(p, "experimental_get_tracing_count")]
+        assert traced and max(traced) == 1, traced

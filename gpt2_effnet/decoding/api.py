@@ -139,15 +139,40 @@ def generate(
     if seed is None:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     program = _program(model, config, use_cache, compile, jit_compile)
+    rows = prompt.shape[0] * config.num_return_sequences
+    if compile and not config.do_sample:
+        # Pad the batch to a bucket size so a compiled program traced for it serves every
+        # batch size up to it (tracing costs seconds; decoding a few rows more, far less).
+        # Rows are independent under greedy and beam search; sampling draws its random
+        # numbers over the whole batch, so it keeps the exact size.
+        prompt, images = _pad_to_bucket(prompt, images)
     out = program(ops.convert_to_tensor(prompt), images, ops.convert_to_tensor(np.int32(seed % 2**31)))
-    sequences = np.asarray(ops.convert_to_numpy(out["sequences"]))
-    lengths = np.asarray(ops.convert_to_numpy(out["lengths"]))
-    scores = np.asarray(ops.convert_to_numpy(out["scores"]))
+    sequences = np.asarray(ops.convert_to_numpy(out["sequences"]))[:rows]
+    lengths = np.asarray(ops.convert_to_numpy(out["lengths"]))[:rows]
+    scores = np.asarray(ops.convert_to_numpy(out["scores"]))[:rows]
     width = prompt.shape[1] + int(lengths.max(initial=0))
     sequences = sequences[:, :width]
     if return_scores:
         return GenerationOutput(sequences=sequences, scores=scores, lengths=lengths, prompt_length=prompt.shape[1])
     return sequences
+
+
+def bucket_size(batch: int) -> int:
+    """The batch size a compiled program is traced for: powers of two to 64, then multiples of 64."""
+    if batch <= 64:
+        return 1 << max(batch - 1, 0).bit_length()
+    return -(-batch // 64) * 64
+
+
+def _pad_to_bucket(prompt: np.ndarray, images: Any) -> tuple[np.ndarray, Any]:
+    batch = prompt.shape[0]
+    extra = bucket_size(batch) - batch
+    if not extra:
+        return prompt, images
+    prompt = np.concatenate([prompt, np.repeat(prompt[-1:], extra, axis=0)])
+    if images is not None:
+        images = ops.concatenate([images, ops.repeat(images[-1:], extra, axis=0)], axis=0)
+    return prompt, images
 
 
 def generate_captions(captioner: Any, images: Any, **kwargs: Any) -> np.ndarray | GenerationOutput:
