@@ -99,3 +99,43 @@ def test_the_cases_exercise_eos_and_the_processors(models) -> None:
     ngram = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, num_beams=3, no_repeat_ngram_size=2,
                      compile=False)
     assert ngram.shape != plain.shape or (ngram != plain).any()
+
+
+# Prompts of different lengths, left-padded (pad id 13 is a real token: only the mask says it is padding).
+RAGGED = np.array([[13, 13, 1, 2], [5, 6, 7, 8], [13, 13, 13, 9]])
+RAGGED_MASK = (np.arange(4)[None, :] >= np.array([2, 0, 3])[:, None]).astype(np.int64)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_beams=3), dict(num_beams=4, num_return_sequences=2),
+                                    dict(repetition_penalty=1.5), dict(num_beams=3, _compile=True)],
+                         ids=["greedy", "beam3", "beam4-return2", "greedy-repetition", "beam3-compiled"])
+def test_left_padded_prompts_match_transformers(models, kwargs) -> None:
+    hf, ours, eos = models
+    kwargs = dict(kwargs)
+    compile_ = kwargs.pop("_compile", False)
+    with torch.no_grad():
+        reference = hf.generate(
+            torch.tensor(RAGGED), attention_mask=torch.tensor(RAGGED_MASK), max_new_tokens=MAX_NEW,
+            eos_token_id=eos, pad_token_id=eos, do_sample=False, **kwargs,
+        ).numpy()
+    got = generate(ours, RAGGED, attention_mask=RAGGED_MASK, max_new_tokens=MAX_NEW, eos_token_id=eos,
+                   compile=compile_, **kwargs)
+    assert got.shape == reference.shape, f"{got.shape} != {reference.shape}\nours\n{got}\nhf\n{reference}"
+    np.testing.assert_array_equal(got, reference)
+    # A padded row decodes as the same prompt alone would (the padding changes nothing).
+    alone = generate(ours, RAGGED[2:3, 3:], max_new_tokens=MAX_NEW, eos_token_id=eos, compile=False, **kwargs)
+    rows = kwargs.get("num_return_sequences", 1)
+    width = min(alone.shape[1], got.shape[1] - 3)
+    np.testing.assert_array_equal(got[2 * rows, 3 : 3 + width], alone[0, :width])
+
+
+def test_attention_mask_must_be_left_padding(models) -> None:
+    _, ours, eos = models
+    # The mask matters for these prompts: without it the padding is read as text.
+    masked = generate(ours, RAGGED, attention_mask=RAGGED_MASK, max_new_tokens=MAX_NEW, eos_token_id=eos, compile=False)
+    unmasked = generate(ours, RAGGED, max_new_tokens=MAX_NEW, eos_token_id=eos, compile=False)
+    assert masked.shape != unmasked.shape or (masked != unmasked).any()
+    with pytest.raises(ValueError, match="left padding"):
+        generate(ours, RAGGED, attention_mask=RAGGED_MASK[:, ::-1], max_new_tokens=2, eos_token_id=eos)
+    with pytest.raises(ValueError, match="shape"):
+        generate(ours, RAGGED, attention_mask=RAGGED_MASK[:2], max_new_tokens=2, eos_token_id=eos)

@@ -71,7 +71,9 @@ def decode_function(model: Any, config: GenerationConfig, use_cache: bool = True
     captioner = model if _is_captioner(model) else None
     decode_model = DecodeModel(model.decoder if captioner is not None else model, use_cache=use_cache)
 
-    def run(prompt: Any, images: Any, seed: Any) -> dict[str, Any]:
+    def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None) -> dict[str, Any]:
+        repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+        decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
         image_kv = None
         if images is not None:
             image_kv = captioner.encode_images(images, training=False)
@@ -105,6 +107,7 @@ def generate(
     input_ids: Any,
     *,
     images: Any = None,
+    attention_mask: Any = None,
     seed: int | None = None,
     return_scores: bool = False,
     use_cache: bool = True,
@@ -120,7 +123,9 @@ def generate(
     length_penalty, no_repeat_ngram_size, repetition_penalty, eos_token_id, pad_token_id,
     num_return_sequences, early_stopping``. As there, rows that ended early are filled with
     ``pad_token_id`` (default: EOS) and the result is cut to the longest sequence.
-    ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
+    Prompts of different lengths go in left-padded, with ``attention_mask`` (1 on tokens,
+    0 on the padding) as in Hugging Face: padding is never attended to and positions count
+    real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
     recomputes the full prefix at every step (for checks and benchmarks).
     """
@@ -138,6 +143,7 @@ def generate(
             raise ValueError(f"{images.shape[0]} images but {prompt.shape[0]} prompts")
     if seed is None:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
+    prompt_mask = _as_prompt_mask(attention_mask, prompt.shape)
     program = _program(model, config, use_cache, compile, jit_compile)
     rows = prompt.shape[0] * config.num_return_sequences
     if compile and not config.do_sample:
@@ -145,8 +151,13 @@ def generate(
         # batch size up to it (tracing costs seconds; decoding a few rows more, far less).
         # Rows are independent under greedy and beam search; sampling draws its random
         # numbers over the whole batch, so it keeps the exact size.
+        if prompt_mask is not None:
+            prompt_mask, _ = _pad_to_bucket(prompt_mask, None)
         prompt, images = _pad_to_bucket(prompt, images)
-    out = program(ops.convert_to_tensor(prompt), images, ops.convert_to_tensor(np.int32(seed % 2**31)))
+    arguments = [ops.convert_to_tensor(prompt), images, ops.convert_to_tensor(np.int32(seed % 2**31))]
+    if prompt_mask is not None:
+        arguments.append(ops.convert_to_tensor(prompt_mask))
+    out = program(*arguments)
     sequences = np.asarray(ops.convert_to_numpy(out["sequences"]))[:rows]
     lengths = np.asarray(ops.convert_to_numpy(out["lengths"]))[:rows]
     scores = np.asarray(ops.convert_to_numpy(out["scores"]))[:rows]
@@ -155,6 +166,22 @@ def generate(
     if return_scores:
         return GenerationOutput(sequences=sequences, scores=scores, lengths=lengths, prompt_length=prompt.shape[1])
     return sequences
+
+
+def _as_prompt_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
+    """HF's attention_mask for left-padded prompts, checked; None when there is no padding."""
+    if attention_mask is None:
+        return None
+    mask = np.asarray(ops.convert_to_numpy(attention_mask) if not isinstance(attention_mask, (list, tuple)) else attention_mask)
+    if mask.ndim == 1:
+        mask = mask[None]
+    if mask.shape != tuple(shape):
+        raise ValueError(f"attention_mask has shape {mask.shape}, the prompts {tuple(shape)}")
+    if not np.isin(mask, (0, 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
+        raise ValueError("attention_mask must be left padding: 0s first, then 1s to the end of every row")
+    return None if mask.all() else mask.astype(np.int32)
 
 
 def bucket_size(batch: int) -> int:

@@ -136,6 +136,34 @@ class DecodeModel:
     def __init__(self, decoder: Any, use_cache: bool = True) -> None:
         self.decoder = decoder
         self.use_cache = use_cache
+        self.key_ok: Any = None  # [rows, total] bool: False on left padding (set_prompt_mask)
+        self.pads: Any = None  # [rows] int32: left padding per row, subtracted from positions
+
+    def set_prompt_mask(self, prompt_mask: Any | None, total: int, repeats: int) -> None:
+        """Left-padded prompts: ``prompt_mask [B, P]`` is 1 on tokens, 0 on padding (HF's attention_mask).
+
+        Padding is never attended to, and positions count real tokens only, as in Hugging
+        Face's generate(), so a padded row decodes as it would alone. None: no padding.
+        """
+        if prompt_mask is None:
+            self.key_ok = self.pads = None
+            return
+        mask = ops.cast(prompt_mask, "bool")
+        rows, prompt_length = mask.shape
+        generated = ops.ones((rows, total - prompt_length), "bool")
+        key_ok = ops.concatenate([mask, generated], axis=1)
+        pads = prompt_length - ops.sum(ops.cast(mask, "int32"), axis=1)
+        if repeats > 1:
+            key_ok, pads = ops.repeat(key_ok, repeats, axis=0), ops.repeat(pads, repeats, axis=0)
+        self.key_ok, self.pads = key_ok, pads
+
+    def _positions(self, start: Any, length: int, rows: int | None = None) -> Any | None:
+        """Position ids ``[rows, length]`` from absolute index ``start``, minus each row's padding."""
+        if self.pads is None:
+            return None
+        pads = self.pads if rows is None else self.pads[:rows]
+        index = ops.arange(length, dtype="int32")[None, :] + ops.cast(start, "int32")
+        return ops.maximum(index - ops.cast(pads, "int32")[:, None], 0)
 
     @property
     def vocab_size(self) -> int:
@@ -153,7 +181,15 @@ class DecodeModel:
         batch, prompt_length = prompt.shape
         cache = self.decoder.init_cache(batch, max_length)
         if prompt_length > 1:
-            _, cache = self.decoder.call_with_cache(prompt[:, :-1], cache, 0, image_kv=image_kv)
+            key_ok = positions = None
+            if self.key_ok is not None:  # the distinct prompts: every repeats-th row
+                key_ok = self.key_ok[:: max(self.key_ok.shape[0] // batch, 1)]
+                pads_rows = self.pads[:: max(self.pads.shape[0] // batch, 1)]
+                index = ops.arange(prompt_length - 1, dtype="int32")[None, :]
+                positions = ops.maximum(index - ops.cast(pads_rows, "int32")[:, None], 0)
+            _, cache = self.decoder.call_with_cache(
+                prompt[:, :-1], cache, 0, image_kv=image_kv, padding_mask=key_ok, position_ids=positions
+            )
         if repeats > 1:
             cache = ops.repeat(cache, repeats, axis=0)
         return cache
@@ -162,10 +198,15 @@ class DecodeModel:
         """Logits ``[N, V]`` for position ``length`` given ``tokens[:, :length]`` (``[N, L]`` buffer)."""
         if not self.use_cache:
             prefix = ops.slice(tokens, [0, 0], [tokens.shape[0], length])
-            logits = self.decoder(prefix, image_kv=image_kv, training=False)
+            key_ok = None if self.key_ok is None else ops.slice(self.key_ok, [0, 0], [tokens.shape[0], length])
+            logits = self.decoder(prefix, image_kv=image_kv, padding_mask=key_ok,
+                                  position_ids=self._positions(0, length), training=False)
             return logits[:, -1], cache
         last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
-        logits, cache = self.decoder.call_with_cache(last, cache, length - 1, image_kv=image_kv)
+        logits, cache = self.decoder.call_with_cache(
+            last, cache, length - 1, image_kv=image_kv, padding_mask=self.key_ok,
+            position_ids=self._positions(length - 1, 1),
+        )
         return logits[:, 0], cache
 
     def reorder(self, cache: Any, rows: Any) -> Any:
