@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -65,14 +66,20 @@ def main(args: argparse.Namespace) -> int:
     from ..image_input import read_image
     from ..plots import caption_grid, loss_curve
     from ..training.loop import train
+    from ..training.optim import learning_rate
     from ..training.sources import caption_source, make_tokenizer
 
     out = Path(args.out)
-    config = CaptionerConfig.load(args.config)
-    if args.steps is not None:
-        config = config.replace(train={"steps": args.steps})
-    if args.cross_attention is not None:
-        config = config.replace(model={"cross_attention": args.cross_attention})
+    try:
+        config = CaptionerConfig.load(args.config)
+        if args.steps is not None:
+            config = config.replace(train={"steps": args.steps})
+        if args.cross_attention is not None:
+            config = config.replace(model={"cross_attention": args.cross_attention})
+        learning_rate(config.optim, config.train.steps)  # a schedule that cannot run fails here, in one line
+    except (OSError, ValueError) as err:  # ConfigError is a ValueError
+        print(f"gpt2-effnet demo: {err}", file=sys.stderr)
+        return 2
 
     # 1. Data: drawn once, reused by later runs of the demo.
     data = out / "data"
