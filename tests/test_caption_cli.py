@@ -82,7 +82,7 @@ def test_caption_csv_with_beams(run_dir, image_dir, tmp_path, capsys) -> None:
 def test_caption_bad_arguments_are_named(run_dir, image_dir, tmp_path, capsys) -> None:
     assert main(["caption", "--checkpoint", str(run_dir), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
-    assert main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--beams", "2", "--top-p", "0.9"]) == 2
+    assert main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--beams", "0", "--top-p", "0.9"]) == 2
     assert "--beams" in capsys.readouterr().err
     assert main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--out", str(tmp_path / "x.txt")]) == 2
     assert ".jsonl or .csv" in capsys.readouterr().err

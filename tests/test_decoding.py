@@ -275,8 +275,6 @@ def test_bad_settings_are_named() -> None:
         generate(tiny_decoder(5, 0), [[1, 2]], max_new_tokens=15)
     with pytest.raises(ValueError, match="input_ids"):
         generate(tiny_decoder(5, 0), [[1, 7]])
-    with pytest.raises(NotImplementedError):
-        GenerationConfig(num_beams=2, do_sample=True)
 
 
 TORCH_SCRIPT = textwrap.dedent(

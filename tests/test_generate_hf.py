@@ -139,3 +139,37 @@ def test_attention_mask_must_be_left_padding(models) -> None:
         generate(ours, RAGGED, attention_mask=RAGGED_MASK[:, ::-1], max_new_tokens=2, eos_token_id=eos)
     with pytest.raises(ValueError, match="shape"):
         generate(ours, RAGGED, attention_mask=RAGGED_MASK[:2], max_new_tokens=2, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2, length_penalty=0.7)],
+                         ids=["beam3", "beam4-return2"])
+def test_beam_sampling_at_a_tiny_temperature_is_beam_search(models, kwargs) -> None:
+    """At temperature 1e-4 every draw is the most likely remaining candidate (the Gumbel noise is
+    nothing beside score gaps scaled by 1e4), and scaling all scores keeps their order: beam
+    sampling must then return transformers' beam search, token for token. (transformers' own
+    beam sampling is not a reference here: at such a temperature its probabilities underflow
+    to zero and torch.multinomial picks among the zeros.)"""
+    hf, ours, eos = models
+    reference = hf_generate(hf, eos, **kwargs)
+    got = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, do_sample=True, temperature=1e-4,
+                   seed=3, compile=False, **kwargs)
+    np.testing.assert_array_equal(got, reference)
+
+
+def test_beam_sampling_draws_in_proportion_to_the_scores(models) -> None:
+    """At temperature 1 the first candidate's token follows softmax(log p): compare frequencies
+    over many seeds with the model's own distribution after the prompt."""
+    _, ours, _ = models
+    logits = np.asarray(ours(PROMPTS[:1].astype(np.int32)))[0, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    firsts = []
+    for seed in range(300):
+        out = generate(ours, PROMPTS[:1], max_new_tokens=1, num_beams=2, do_sample=True, seed=seed, compile=True,
+                       return_scores=True, num_return_sequences=2, eos_token_id=None)
+        firsts += out.sequences[:, PROMPTS.shape[1]].tolist()
+    # Two draws without replacement per seed: the top token's share is at least its probability.
+    top = int(np.argmax(probs))
+    share = firsts.count(top) / 300
+    assert share >= probs[top] - 0.08, (share, probs[top])
+    assert len(set(firsts)) > 2  # not beam search in disguise

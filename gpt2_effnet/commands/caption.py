@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of images")
     parser.add_argument("--recursive", action="store_true", help="also look inside sub-folders")
     search = parser.add_argument_group("decoding (default: greedy)")
-    search.add_argument("--beams", type=int, default=None, metavar="K", help="beam search with K beams")
+    search.add_argument("--beams", type=int, default=None, metavar="K",
+                        help="beam search with K beams (with --top-p/--top-k/--temperature: beam sampling)")
     search.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logp / new_len ** this")
     search.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling")
     search.add_argument("--top-k", type=int, default=None, metavar="K", help="top-k sampling")
@@ -44,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     sampling = any(v is not None for v in (args.top_p, args.top_k, args.temperature))
-    if args.beams is not None and sampling:
-        raise ValueError("--beams cannot be combined with --top-p/--top-k/--temperature (beam sampling is not supported)")
     kwargs: dict[str, Any] = {
         "no_repeat_ngram_size": args.no_repeat_ngram_size,
         "repetition_penalty": args.repetition_penalty,

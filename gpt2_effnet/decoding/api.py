@@ -78,7 +78,7 @@ def decode_function(model: Any, config: GenerationConfig, use_cache: bool = True
         if images is not None:
             image_kv = captioner.encode_images(images, training=False)
         if config.num_beams > 1:
-            return beam_loop(decode_model, prompt, image_kv, config)
+            return beam_loop(decode_model, prompt, image_kv, config, seed)
         return token_loop(decode_model, prompt, image_kv, seed, config)
 
     return run

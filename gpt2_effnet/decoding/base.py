@@ -76,8 +76,6 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
-        if self.num_beams > 1 and self.do_sample:
-            raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True) is not supported")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
             raise ValueError(
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"

@@ -27,11 +27,18 @@ import numpy as np
 from keras import ops
 
 from .base import IMPOSSIBLE, DecodeModel, GenerationConfig, gather_rows, run_loop
-from .processors import process_scores, suppress_special
+from .processors import process_scores, suppress_special, warp_logits
+from .sampling import sample_without_replacement
 
 
-def beam_loop(model: DecodeModel, prompt: Any, image_kv: Any | None, config: GenerationConfig) -> dict[str, Any]:
+def beam_loop(
+    model: DecodeModel, prompt: Any, image_kv: Any | None, config: GenerationConfig, seed: Any = 0
+) -> dict[str, Any]:
     """``prompt [B, P]`` -> the best ``num_return_sequences`` finished hypotheses per input.
+
+    With ``do_sample`` (beam sampling) the 2K candidates are drawn from the warped
+    (temperature, top-k, top-p) scores without replacement instead of taken as the top
+    2K, then ranked by score, as in Hugging Face's beam sampling.
 
     Returns ``{"sequences" [B*n, P+new], "scores" [B*n], "lengths" [B*n]}``, best first.
     """
@@ -74,8 +81,17 @@ def beam_loop(model: DecodeModel, prompt: Any, image_kv: Any | None, config: Gen
         logits, cache = model.step(flat, length, cache, image_kv)
         log_probs = ops.log_softmax(suppress_special(logits, config.suppress_from), axis=-1)
         log_probs = process_scores(log_probs, flat, length, step, config)
+        if config.do_sample:
+            log_probs = warp_logits(log_probs, config)
         totals = ops.reshape(log_probs, (batch, beams, vocab_size)) + ops.expand_dims(running_scores, 2)
-        top_scores, top_index = ops.top_k(ops.reshape(totals, (batch, beams * vocab_size)), candidates)
+        totals = ops.reshape(totals, (batch, beams * vocab_size))
+        if config.do_sample:
+            drawn = sample_without_replacement(totals, candidates, seed, step)
+            drawn_scores = ops.take_along_axis(totals, drawn, axis=1)
+            top_scores, order = ops.top_k(drawn_scores, candidates)
+            top_index = ops.take_along_axis(drawn, ops.cast(order, "int32"), axis=1)
+        else:
+            top_scores, top_index = ops.top_k(totals, candidates)
         top_index = ops.cast(top_index, "int32")
         source = top_index // vocab_size
         token = top_index % vocab_size

@@ -43,6 +43,29 @@ def uniform_per_row(seed: Any, step: Any, rows: int) -> Any:
     return (ops.cast(_shift_right(bits, 8), "float32") + 0.5) / float(1 << 24)
 
 
+def uniform_matrix(seed: Any, step: Any, rows: int, columns: int) -> Any:
+    """``[rows, columns]`` float32 in (0, 1), a pure function of (seed, step, row, column)."""
+    seed = ops.cast(seed, "int32")
+    step = ops.cast(step, "int32")
+    key = _mix32(_mix32(seed + 0x5BD1E995) + _mix32(step * _GOLDEN + 7))
+    counter = ops.reshape(ops.arange(rows * columns, dtype="int32"), (rows, columns))
+    bits = _mix32(_mix32(ops.bitwise_xor(counter, key)) + key)
+    return (ops.cast(_shift_right(bits, 8), "float32") + 0.5) / float(1 << 24)
+
+
+def sample_without_replacement(scores: Any, count: int, seed: Any, step: Any) -> Any:
+    """``count`` column indices per row drawn from ``softmax(scores)`` without replacement.
+
+    The Gumbel-top-k trick: adding independent Gumbel noise to the log-weights and keeping
+    the top ``count`` draws exactly as sequential sampling without replacement does
+    (what Hugging Face's beam sampling asks of ``torch.multinomial``).
+    """
+    rows, columns = scores.shape
+    gumbel = -ops.log(-ops.log(uniform_matrix(seed, step, rows, columns)))
+    _, index = ops.top_k(ops.cast(scores, "float32") + gumbel, count)
+    return ops.cast(index, "int32")
+
+
 def greedy_tokens(scores: Any) -> Any:
     return ops.cast(ops.argmax(scores, axis=-1), "int32")
 
