@@ -12,19 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:
@@ -38,6 +30,8 @@ def main() -> None:
 
     import numpy as np
     import tensorflow as tf
+
+    from bench_train import cpu_name  # this folder is on sys.path when run as a script
 
     from gpt2_effnet.captioner import Captioner
     from gpt2_effnet.decoding import caption_strings

@@ -95,9 +95,9 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "?")
-    print(json.dumps({"cpu": cpu, "clients": args.clients, "seconds": args.seconds, **results}, indent=1))
+    from bench_train import cpu_name  # this folder is on sys.path when run as a script
+
+    print(json.dumps({"cpu": cpu_name(), "clients": args.clients, "seconds": args.seconds, **results}, indent=1))
 
 
 if __name__ == "__main__":

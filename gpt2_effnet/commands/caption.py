@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -44,25 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    sampling = any(v is not None for v in (args.top_p, args.top_k, args.temperature))
-    kwargs: dict[str, Any] = {
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "repetition_penalty": args.repetition_penalty,
-    }
+    from ..decoding import decoding_kwargs
+
+    kwargs = decoding_kwargs(beams=args.beams, length_penalty=args.length_penalty, top_p=args.top_p, top_k=args.top_k,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    kwargs.update(no_repeat_ngram_size=args.no_repeat_ngram_size, repetition_penalty=args.repetition_penalty)
+    if kwargs.get("do_sample"):
+        kwargs["seed"] = args.seed
     if args.xla:
         kwargs["jit_compile"] = True
-    if args.max_new_tokens is not None:
-        kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.beams is not None:
-        kwargs.update(num_beams=args.beams, length_penalty=args.length_penalty)
-    if sampling:
-        kwargs.update(
-            do_sample=True,
-            top_p=1.0 if args.top_p is None else args.top_p,
-            top_k=0 if args.top_k is None else args.top_k,
-            temperature=1.0 if args.temperature is None else args.temperature,
-            seed=args.seed,
-        )
     return kwargs
 
 
@@ -126,7 +115,7 @@ def _check_checkpoint(checkpoint: Path) -> tuple[int, int]:
 def main(args: argparse.Namespace) -> int:
     from ..atomic import atomic_write, check_writable
     from ..captioner import Captioner
-    from ..decoding import GenerationConfig, caption_strings
+    from ..decoding import caption_strings, check_generation
 
     def fail(message: str, status: int = 2) -> int:
         print(f"gpt2-effnet caption: {message}", file=sys.stderr)
@@ -137,8 +126,7 @@ def main(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         kwargs = _generation_kwargs(args)
-        settings = {f.name for f in dataclasses.fields(GenerationConfig)}
-        GenerationConfig(**{k: v for k, v in kwargs.items() if k in settings})  # checks every option now
+        check_generation(kwargs)  # every option, now
         out_format = "jsonl"
         if args.out is not None:
             suffix = Path(args.out).suffix.lower()

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..captioner import CONFIG_FILE, WEIGHTS_FILE
-    from ..decoding import GenerationConfig
+    from ..decoding import check_generation, decoding_kwargs
 
     def fail(message: str) -> int:
         print(f"gpt2-effnet export: {message}", file=sys.stderr)
@@ -46,20 +46,12 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--out {out}: the folder {out.parent} does not exist")
     if args.batch_size < 1:
         return fail(f"--batch-size must be >= 1, got {args.batch_size}")
-    kwargs: dict = {}
-    sampling = any(v is not None for v in (args.top_p, args.top_k, args.temperature))
-    if args.beams is not None and sampling:
+    if args.beams is not None and any(v is not None for v in (args.top_p, args.top_k, args.temperature)):
         return fail("--beams cannot be combined with --top-p/--top-k/--temperature")
-    if args.beams is not None:
-        kwargs.update(num_beams=args.beams, length_penalty=args.length_penalty)
-    if sampling:
-        kwargs.update(do_sample=True, top_p=1.0 if args.top_p is None else args.top_p,
-                      top_k=0 if args.top_k is None else args.top_k,
-                      temperature=1.0 if args.temperature is None else args.temperature)
-    if args.max_new_tokens is not None:
-        kwargs["max_new_tokens"] = args.max_new_tokens
+    kwargs = decoding_kwargs(beams=args.beams, length_penalty=args.length_penalty, top_p=args.top_p, top_k=args.top_k,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     try:
-        GenerationConfig(**kwargs)
+        check_generation(kwargs)
     except (ValueError, NotImplementedError) as err:
         return fail(str(err))
     from ..serving.export import export_saved_model

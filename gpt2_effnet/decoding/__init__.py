@@ -16,6 +16,8 @@ _EXPORTS = {
     "GenerationConfig": "gpt2_effnet.decoding.base",
     "GenerationOutput": "gpt2_effnet.decoding.base",
     "caption_strings": "gpt2_effnet.decoding.api",
+    "check_generation": "gpt2_effnet.decoding.api",
+    "decoding_kwargs": "gpt2_effnet.decoding.api",
     "cut_at_eos": "gpt2_effnet.decoding.api",
     "generate": "gpt2_effnet.decoding.api",
     "generate_captions": "gpt2_effnet.decoding.api",

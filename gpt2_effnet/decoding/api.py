@@ -168,6 +168,43 @@ def generate(
     return sequences
 
 
+def decoding_kwargs(
+    *,
+    beams: int | None = None,
+    length_penalty: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    temperature: float | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """``generate()`` keywords from a command's decoding options (None: not given).
+
+    One place for what caption, export and serve ask for: ``beams`` selects beam search
+    (with its ``length_penalty``); any sampling option turns sampling on, and the ones not
+    given take Hugging Face's neutral values (top_p 1, top_k 0, temperature 1).
+    """
+    kwargs: dict[str, Any] = {}
+    if beams is not None:
+        kwargs.update(num_beams=beams, length_penalty=length_penalty)
+    if any(v is not None for v in (top_p, top_k, temperature)):
+        kwargs.update(
+            do_sample=True,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=0 if top_k is None else top_k,
+            temperature=1.0 if temperature is None else temperature,
+        )
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    return kwargs
+
+
+def check_generation(kwargs: dict[str, Any]) -> GenerationConfig:
+    """The settings ``kwargs`` describe, checked now (ValueError naming the keyword); keywords
+    that are not settings (``seed``, ``jit_compile``) are ignored."""
+    settings = {f.name for f in dataclasses.fields(GenerationConfig)}
+    return GenerationConfig(**{k: v for k, v in kwargs.items() if k in settings})
+
+
 def _as_prompt_mask(attention_mask: Any, shape: tuple[int, int]) -> np.ndarray | None:
     """HF's attention_mask for left-padded prompts, checked; None when there is no padding."""
     if attention_mask is None:

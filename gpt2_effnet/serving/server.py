@@ -69,20 +69,14 @@ class Settings:
 
     def generation(self) -> dict[str, Any]:
         """``generate()`` keywords, checked by GenerationConfig; raises BadRequest naming the field."""
-        from ..decoding import GenerationConfig
+        from ..decoding import check_generation, decoding_kwargs
 
-        kwargs: dict[str, Any] = {"num_beams": self.beams}
-        sampling = any(v is not None for v in (self.top_p, self.top_k, self.temperature))
-        if sampling and self.beams > 1:
+        if self.beams > 1 and any(v is not None for v in (self.top_p, self.top_k, self.temperature)):
             raise BadRequest("beams > 1 cannot be combined with top_p/top_k/temperature")
-        if sampling:
-            kwargs.update(do_sample=True, top_p=1.0 if self.top_p is None else self.top_p,
-                          top_k=0 if self.top_k is None else self.top_k,
-                          temperature=1.0 if self.temperature is None else self.temperature)
-        if self.max_new_tokens is not None:
-            kwargs["max_new_tokens"] = self.max_new_tokens
+        kwargs = decoding_kwargs(beams=self.beams, top_p=self.top_p, top_k=self.top_k, temperature=self.temperature,
+                                 max_new_tokens=self.max_new_tokens)
         try:
-            GenerationConfig(**kwargs)
+            check_generation(kwargs)
         except (ValueError, NotImplementedError) as err:
             message = str(err)
             for keyword, name in (("num_beams", "beams"), ("max_new_tokens", "max_new_tokens")):

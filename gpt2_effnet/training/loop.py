@@ -179,6 +179,7 @@ class Trainer:
         self._last_path: str | None = self.checkpointer.latest
         self._window = MetricWindow()
         self._named_skips: set[str] = set()
+        self._unreadable_seen: tuple[int, int] = (0, 0)
 
     def close(self) -> None:
         """Give the run folder back (fit() does this when it ends)."""
@@ -384,7 +385,10 @@ class Trainer:
             return None
         seen = counter.attempted + counter.missing
         status = {"skipped": counter.skipped, "seen": seen, "rate": counter.skipped / seen if seen else 0.0}
-        if counter.unreadable and len(self._named_skips) < 10:
+        # Naming files reads the skip tables whole: only when this epoch's count has grown.
+        seen_now = (id(counter), counter.unreadable)
+        if counter.unreadable and seen_now != self._unreadable_seen and len(self._named_skips) < 10:
+            self._unreadable_seen = seen_now
             new = [f for f in counter.unreadable_samples(10) if f not in self._named_skips][: 10 - len(self._named_skips)]
             if new:
                 self._named_skips.update(new)
