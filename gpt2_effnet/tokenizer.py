@@ -143,9 +143,13 @@ class GPT2Tokenizer:
         return cls(encoder, merges, num_special_tokens=num_special_tokens, cache_size=cache_size)
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, num_special_tokens: int = 1) -> "GPT2Tokenizer":
-        """The vocabulary a run was trained with: ``RUN_DIR/tokenizer`` (training writes it), else GPT-2's."""
-        folder = Path(run_dir) / RUN_TOKENIZER_DIR
+    def for_run(cls, checkpoint: str | Path, num_special_tokens: int = 1) -> "GPT2Tokenizer":
+        """The vocabulary a run was trained with: ``RUN_DIR/tokenizer`` (training writes it), else GPT-2's.
+
+        ``checkpoint`` is the run folder, or a file in it (a ``.keras`` export).
+        """
+        run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        folder = run_dir / RUN_TOKENIZER_DIR
         if folder.is_dir():
             return cls.from_pretrained(folder, num_special_tokens=num_special_tokens)
         return cls.default(num_special_tokens=num_special_tokens)

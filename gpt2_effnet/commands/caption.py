@@ -78,8 +78,7 @@ def _load_tokenizer(args: argparse.Namespace, num_special_tokens: int) -> Any:
 
     if args.tokenizer:
         return GPT2Tokenizer.from_pretrained(args.tokenizer, num_special_tokens=num_special_tokens)
-    checkpoint = Path(args.checkpoint)
-    return GPT2Tokenizer.for_run(checkpoint if checkpoint.is_dir() else checkpoint.parent, num_special_tokens)
+    return GPT2Tokenizer.for_run(args.checkpoint, num_special_tokens)
 
 
 # generate() keywords -> this command's options, so errors name what the user typed.

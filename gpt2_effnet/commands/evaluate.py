@@ -86,9 +86,7 @@ def _caption_images(args: argparse.Namespace, paths: list[str]) -> tuple[dict[st
     from ..tokenizer import GPT2Tokenizer
 
     model = Captioner.load(args.checkpoint)
-    checkpoint = Path(args.checkpoint)
-    run_dir = checkpoint if checkpoint.is_dir() else checkpoint.parent
-    tokenizer = GPT2Tokenizer.for_run(run_dir, model.decoder.num_special_tokens)
+    tokenizer = GPT2Tokenizer.for_run(args.checkpoint, model.decoder.num_special_tokens)
     kwargs: dict[str, Any] = {}
     if args.beams:
         kwargs.update(num_beams=args.beams, length_penalty=args.length_penalty)

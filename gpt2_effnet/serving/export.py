@@ -172,7 +172,7 @@ def export_saved_model(
     start = time.perf_counter()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model = Captioner.load(run_dir)
-    tokenizer = GPT2Tokenizer.for_run(run_dir if run_dir.is_dir() else run_dir.parent, model.decoder.num_special_tokens)
+    tokenizer = GPT2Tokenizer.for_run(run_dir, model.decoder.num_special_tokens)
     module = CaptionModule(model, tokenizer, batch_size=batch_size, seed=seed, **generation)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     if partial.exists():

@@ -261,12 +261,9 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
 
 
 def load_engine(run_dir: str, max_batch: int) -> Engine:
-    from pathlib import Path
-
     from ..captioner import Captioner
     from ..tokenizer import GPT2Tokenizer
 
     model = Captioner.load(run_dir)
-    path = Path(run_dir)
-    tokenizer = GPT2Tokenizer.for_run(path if path.is_dir() else path.parent, model.decoder.num_special_tokens)
+    tokenizer = GPT2Tokenizer.for_run(run_dir, model.decoder.num_special_tokens)
     return Engine(model, tokenizer, max_batch)
