@@ -216,10 +216,17 @@ class GPT2Decoder(keras.Model):
         if position_ids is None:
             position_ids = ops.expand_dims(ops.arange(ops.shape(token_ids)[1], dtype="int32"), 0)
         x = self._embed(token_ids, position_ids, training)
-        for i, block in enumerate(self.blocks):
-            kv = None if image_kv is None else image_kv[:, i]
+        layer_kv = self._per_layer(image_kv)
+        for block, kv in zip(self.blocks, layer_kv):
             x, _ = block(x, image_kv=kv, padding_mask=padding_mask, training=training)
         return x
+
+    def _per_layer(self, image_kv: Any | None) -> list[Any | None]:
+        """``[B, n_layer, ...]`` -> one tensor per block, by unstacking (its gradient is one stack,
+        where indexing each block's slice costs a zero-filled copy of the whole tensor apiece)."""
+        if image_kv is None:
+            return [None] * len(self.blocks)
+        return ops.unstack(image_kv, num=len(self.blocks), axis=1)
 
     def cross_attention_weights(self, token_ids: Any, image_kv: Any) -> Any:
         """Each block's cross-attention weights over the image, ``[B, n_layer, n_head, T, S]`` (float32).
@@ -232,8 +239,8 @@ class GPT2Decoder(keras.Model):
         position_ids = ops.expand_dims(ops.arange(ops.shape(token_ids)[1], dtype="int32"), 0)
         x = self._embed(token_ids, position_ids, training=False)
         maps = []
-        for i, block in enumerate(self.blocks):
-            x, _, weights = block(x, image_kv=image_kv[:, i], return_attention=True)
+        for block, kv in zip(self.blocks, self._per_layer(image_kv)):
+            x, _, weights = block(x, image_kv=kv, return_attention=True)
             maps.append(weights)
         return ops.stack(maps, axis=1)
 

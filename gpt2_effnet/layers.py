@@ -74,7 +74,9 @@ class SelfAttention(keras.layers.Layer):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         width = ops.shape(x)[-1] // parts
         x = ops.reshape(x, (batch, length, parts, self.num_heads, width // self.num_heads))
-        return [x[:, :, i] for i in range(parts)]
+        # unstack, not x[:, :, i]: TensorFlow's gradient of a strided slice writes a zeroed
+        # copy of the whole input per slice, which cost ~15 % of a small captioner's step.
+        return ops.unstack(x, num=parts, axis=2)
 
     def call(
         self,
@@ -150,8 +152,8 @@ class CrossAttention(keras.layers.Layer):
         """``return_attention``: also the per-head weights over the image ``[B, H, T, S]``."""
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, self.width // self.num_heads))
-        image_kv = ops.cast(image_kv, query.dtype)
-        out = attend(query, image_kv[:, 0], image_kv[:, 1], return_weights=return_attention)
+        key, value = ops.unstack(ops.cast(image_kv, query.dtype), num=2, axis=1)
+        out = attend(query, key, value, return_weights=return_attention)
         if return_attention:
             out, weights = out
         out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, self.width))), training=training)
