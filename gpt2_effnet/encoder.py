@@ -14,6 +14,7 @@ from typing import Any, Callable
 import keras
 from keras import ops
 
+from .folding import fold_batch_norms
 from .layers import TransformerBlock
 
 # Name -> constructor. Lower-case, hyphenated like the papers ("efficientnetv2-s").
@@ -100,6 +101,9 @@ class ImageEncoder(keras.Model):
             for layer in self.backbone.layers:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.momentum = bn_momentum
+        # Not an attribute Keras tracks: it shares the backbone's variables, which must be
+        # saved once, under the backbone.
+        self._inference_backbone = _Untracked(fold_batch_norms(self.backbone))
         _, height, width_, channels = self.backbone.output_shape
         self.grid = (height, width_)
         self.sequence_length = height * width_
@@ -129,7 +133,12 @@ class ImageEncoder(keras.Model):
         self.built = True
 
     def call(self, images: Any, training: bool | None = None) -> Any:
-        features = self.backbone(images, training=training)
+        if training and self.backbone.trainable:
+            features = self.backbone(images, training=True)
+        else:
+            # A frozen backbone is a fixed feature extractor: moving statistics and no
+            # stochastic depth, even while the rest trains. Its norms run folded.
+            features = self._inference_backbone.model(images, training=False)
         batch = ops.shape(features)[0]
         tokens = ops.reshape(features, (batch, self.sequence_length, ops.shape(features)[-1]))
         x = self.projection(tokens) + ops.cast(self.position_embedding, self.compute_dtype)
@@ -153,3 +162,10 @@ class ImageEncoder(keras.Model):
             "feature_stride": self.feature_stride,
             "drop_path": self.drop_path,
         }
+
+
+class _Untracked:
+    """Holds a model out of Keras' and TensorFlow's attribute tracking."""
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model

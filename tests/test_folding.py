@@ -1,0 +1,76 @@
+"""BatchNorm folding: the inference twin of a backbone computes what Keras' own layers do."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from gpt2_effnet.encoder import ImageEncoder, build_backbone
+from gpt2_effnet.folding import FoldedConvolution, fold_batch_norms, foldable_pairs
+
+
+def _randomise_norms(model: keras.Model, rng: np.random.Generator) -> None:
+    """Moving statistics and affine weights far from their initial 0/1, so folding matters."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0, 0.5, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.3, 2.0, n).astype("float32"))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype("float32"))
+            layer.beta.assign(rng.normal(0, 0.3, n).astype("float32"))
+
+
+# B0 has depthwise convolutions in every block; V2-B0 only after its fused (plain) first stages.
+@pytest.mark.parametrize("name", ["efficientnetb0", "efficientnetv2-b0"])
+def test_folded_twin_equals_the_backbone_in_inference(name: str, rng: np.random.Generator) -> None:
+    backbone = build_backbone(name, 64, None)
+    _randomise_norms(backbone, rng)
+    twin = fold_batch_norms(backbone)
+    norms = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    # Every norm of an EfficientNet follows a convolution of its own: all fold.
+    assert len(foldable_pairs(backbone)) == len(norms) > 10
+    assert sum(isinstance(layer, FoldedConvolution) for layer in twin.layers) == len(norms)
+    kinds = {type(layer.conv) for layer in twin.layers if isinstance(layer, FoldedConvolution)}
+    assert kinds == {keras.layers.Conv2D, keras.layers.DepthwiseConv2D}
+    # The same variables, none new.
+    assert {id(v) for v in twin.weights} <= {id(v) for v in backbone.weights}
+
+    images = rng.uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+    want = np.asarray(backbone(images, training=False))
+    got = np.asarray(twin(images, training=False))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+
+    # Refolded at every call: a changed statistic reaches the twin without rebuilding it.
+    norms[-1].moving_mean.assign(norms[-1].moving_mean + 1.0)
+    want = np.asarray(backbone(images, training=False))
+    np.testing.assert_allclose(np.asarray(twin(images, training=False)), want, atol=1e-4 * np.abs(want).max())
+
+
+def test_a_convolution_with_two_readers_is_not_folded() -> None:
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)
+    x = conv(inputs)
+    norm = keras.layers.BatchNormalization()
+    model = keras.Model(inputs, keras.layers.Add()([norm(x), x]))
+    assert foldable_pairs(model) == {}
+    single = keras.Model(inputs, norm(conv(inputs)))
+    assert foldable_pairs(single) == {id(conv): norm}
+
+
+def test_frozen_backbone_runs_as_inference_while_the_rest_trains(rng: np.random.Generator) -> None:
+    """With the backbone frozen, training=True must not drop blocks or use batch statistics."""
+    encoder = ImageEncoder("efficientnetb0", 32, 16, num_layers=0, num_heads=2, drop_path=0.5)
+    _randomise_norms(encoder.backbone, rng)
+    images = rng.uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    encoder.backbone.trainable = False
+    frozen = [np.asarray(encoder(images, training=True)) for _ in range(2)]
+    np.testing.assert_allclose(frozen[0], frozen[1], rtol=1e-6)
+    np.testing.assert_allclose(frozen[0], np.asarray(encoder(images, training=False)), rtol=1e-6)
+    encoder.backbone.trainable = True
+    trained = np.asarray(encoder(images, training=True))  # batch statistics and stochastic depth
+    assert np.abs(trained - frozen[0]).max() > 1e-3
+    # The twin is not tracked: every variable is the encoder's once.
+    ids = [id(v) for v in encoder.weights]
+    assert len(ids) == len(set(ids)) == len(encoder.backbone.weights) + len(encoder.projection.weights) + 1 + 2
