@@ -112,6 +112,38 @@ def test_warmup_cosine_matches_keras_cosine_decay() -> None:
         learning_rate(OptimConfig(schedule="cosine"), total_steps=None)
 
 
+def test_fused_adam_equals_keras_adam(rng: np.random.Generator) -> None:
+    """The one-kernel update (TensorFlow's ApplyAdam) against Keras' own Adam, step by step."""
+    import keras
+    import tensorflow as tf
+
+    from gpt2_effnet.training.optim import SummedGradientAdam, WarmupCosine
+
+    shapes = [(7, 5), (5,), (3, 4, 2)]
+    start = [rng.normal(0, 1, s).astype(np.float32) for s in shapes]
+    grads = [[rng.normal(0, g, s).astype(np.float32) for s, g in zip(shapes, (1.0, 1e-3, 30.0))] for _ in range(6)]
+    results = []
+    for cls in (SummedGradientAdam, keras.optimizers.Adam):
+        weights = [keras.Variable(w) for w in start]
+        optimizer = cls(learning_rate=WarmupCosine(3e-2, 2, 10, 0.1), beta_1=0.8, beta_2=0.95, epsilon=1e-6)
+        optimizer.build(weights)
+
+        @tf.function(autograph=False)
+        def apply(step_grads: list, optimizer: keras.optimizers.Optimizer = optimizer) -> None:
+            optimizer.apply(step_grads, weights)
+
+        for step_grads in grads:
+            apply([tf.constant(g) for g in step_grads])
+        moments = [np.asarray(m) for m in optimizer._momentums + optimizer._velocities]
+        results.append(([np.asarray(w) for w in weights], moments))
+    (fused, fused_moments), (reference, reference_moments) = results
+    for a, b, w0 in zip(fused, reference, start):
+        assert np.abs(b - w0).max() > 1e-3  # the updates moved the weights
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_moments, reference_moments):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
 def test_optim_and_train_config_errors_name_the_key() -> None:
     with pytest.raises(ConfigError, match="optim.global_clipnorm"):
         CaptionerConfig.from_dict({"optim": {"global_clipnorm": 0}})
