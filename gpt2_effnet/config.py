@@ -273,6 +273,9 @@ class TrainConfig:
     # Images with more pixels than this are skipped (counted) from their header, before any
     # decoding: Pillow's own decompression-bomb limit by default.
     max_image_pixels: int = 89_478_485
+    # A CSV/COCO set whose decoded images (float32 at image_size) fit in this many MB is
+    # decoded once and kept in memory for every epoch; 0 = always read from disk.
+    image_cache_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "float32", "mixed_bfloat16", "mixed_float16"):
@@ -295,7 +298,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"train.{name} must be positive or null, got {value!r}")
-        for name in ("validate_every", "shuffle_buffer", "seed"):
+        for name in ("validate_every", "shuffle_buffer", "seed", "image_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.batch_size % self.grad_accum_steps:

@@ -186,3 +186,33 @@ def test_shuffle_is_seeded_and_differs_per_epoch(numbered_set, tok) -> None:
     assert first == again
     assert sorted(first[0]) == sorted(first[1]) == sorted(texts)
     assert first[0] != first[1] and first[0] != texts and first != other
+
+
+def test_image_cache_serves_the_same_batches_and_counts_the_same_skips(mixed_set, tok, capsys) -> None:
+    """A cached epoch equals a streamed one: pixels, captions, order, skipped and named files."""
+    from gpt2_effnet.data.pipeline import ImageCache
+
+    folder, _, _ = mixed_set
+    # Two more rows on already listed images: the cache holds each file once.
+    rows = list(csv.reader(open(folder / "captions.csv")))[1:] + [["alpha.png", "alpha again"], ["corrupt.jpg", "again"]]
+    write_csv(folder / "captions.csv", rows)
+    captions = read_csv(folder / "captions.csv")
+    spec = PipelineSpec(SIZE, MAX_LEN, batch_size=2, shuffle=False)
+    streamed_skips, cached_skips = SkipCounter(), SkipCounter()
+    streamed = collect(caption_dataset(captions, tok, spec, skips=streamed_skips))
+    cache = ImageCache(budget_bytes=10 * 2**20)
+    for epoch in range(2):
+        cached_skips = SkipCounter()
+        cached = collect(caption_dataset(captions, tok, spec, skips=cached_skips, cache=cache))
+        for key in streamed:
+            np.testing.assert_array_equal(cached[key], streamed[key])
+        assert (cached_skips.missing, cached_skips.unreadable) == (streamed_skips.missing, streamed_skips.unreadable) == (1, 2)
+        assert cached_skips.unreadable_samples() == streamed_skips.unreadable_samples() == [str(folder / "corrupt.jpg")] * 2
+    # Decoded once (3 distinct files on disk, one of them corrupt), not once per epoch.
+    assert capsys.readouterr().out.count("decoded 2 of 3 images into memory") == 1
+
+    # Over the budget: streamed from disk, nothing decoded up front.
+    small = ImageCache(budget_bytes=SIZE * SIZE * 3 * 4 * 2)
+    assert small.images([str(folder / n) for n in ("alpha.png", "gray.jpg", "corrupt.jpg")], spec) is None
+    again = collect(caption_dataset(captions, tok, spec, cache=small))
+    np.testing.assert_array_equal(again["images"], streamed["images"])

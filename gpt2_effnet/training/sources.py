@@ -123,7 +123,7 @@ def caption_source(
 ) -> DataSource:
     """A CSV (one row per caption) or COCO captions JSON plus an image folder, via tf.data."""
     from ..data.captions import read_captions
-    from ..data.pipeline import caption_dataset
+    from ..data.pipeline import ImageCache, caption_dataset
 
     captions = read_captions(csv, coco, images, image_column, caption_column)
     print(captions.summary(), flush=True)
@@ -137,9 +137,11 @@ def caption_source(
         )
     plain_tokenizer, tokenizer = tokenizer, _TokenizeOnce(tokenizer)
     skips = _EpochSkips()
+    cache = ImageCache(config.train.image_cache_mb * 2**20)
 
     def make(request: DataRequest) -> Any:
-        return caption_dataset(captions, tokenizer, pipeline_spec(config, request, training), skips=skips.fresh())
+        spec = pipeline_spec(config, request, training)
+        return caption_dataset(captions, tokenizer, spec, skips=skips.fresh(), cache=cache)
 
     caption_file = Path(coco if coco is not None else csv)  # type: ignore[arg-type]
     description = {
