@@ -1,0 +1,120 @@
+"""Captioning speed at the seed's configuration, this checkout against another, side by side.
+
+    python bench/bench_decode_seed.py --against ../base --rounds 2
+
+The shape is the seed's: EfficientNetV2-B0 at 224 px, 2 encoder blocks, GPT-2 4 x 256 with
+the full 50257+1 vocabulary, random weights (speed does not depend on them). The two
+settings the seed's own samplers had, encoder included, 20 new tokens, no early stop:
+
+* beam: 4 images at once, K = 3;
+* nucleus: 1 image, top-k 8, top-p 0.9.
+
+Each checkout runs in its own process (imported through ``PYTHONPATH``) through its public
+``Captioner.generate``; the first call (tracing) is timed apart, then the best of
+``--reps`` calls is kept, and rounds alternate between checkouts so that a shared
+machine's swings hit both sides alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_train import cpu_name  # this folder is on sys.path when run as a script
+
+HERE = Path(__file__).resolve()
+
+SETTINGS = {
+    "beam": {"images": 4, "kwargs": {"num_beams": 3}},
+    "nucleus": {"images": 1, "kwargs": {"do_sample": True, "top_k": 8, "top_p": 0.9, "seed": 1}},
+}
+
+
+def worker(spec: dict) -> dict:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    from gpt2_effnet.captioner import Captioner
+    from gpt2_effnet.config import CaptionerConfig
+
+    config = CaptionerConfig.from_dict({
+        "gpt2": {"vocab_size": 50257, "n_positions": 64, "n_embd": 256, "n_layer": 4, "n_head": 4},
+        "model": {"backbone": "efficientnetv2-b0", "image_size": 224, "encoder_layers": 2, "encoder_heads": 4,
+                  "max_caption_length": 32},
+    })
+    model = Captioner.create(config)
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, setting in SETTINGS.items():
+        images = rng.uniform(0, 255, (setting["images"], 224, 224, 3)).astype(np.float32)
+        kwargs = dict(setting["kwargs"], max_new_tokens=spec["tokens"], eos_token_id=None)
+        start = time.perf_counter()
+        ids = np.asarray(model.generate(images, **kwargs))
+        first = time.perf_counter() - start
+        times = []
+        for _ in range(spec["reps"]):
+            start = time.perf_counter()
+            ids = np.asarray(model.generate(images, **kwargs))
+            times.append(time.perf_counter() - start)
+        assert ids.shape[-1] == spec["tokens"], ids.shape
+        out[name] = {"per_image_s": min(times) / setting["images"], "first_s": first}
+    return out
+
+
+def run(spec: dict, checkout: Path | None) -> dict:
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], env=env,
+                          capture_output=True, text=True, cwd=str(checkout or HERE.parent.parent))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"{checkout or 'this checkout'} failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", type=Path, default=None, help="another checkout, measured in the same run")
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return
+    spec = {"tokens": args.tokens, "reps": args.reps}
+    sides = [("this", None)] + ([("against", args.against)] if args.against else [])
+    print(f"CPU: {cpu_name()}")
+    best: dict[str, dict] = {}
+    for round_ in range(args.rounds):
+        for side, checkout in sides:
+            result = run(spec, checkout)
+            for name, r in result.items():
+                key = f"{side}: {name}"
+                kept = best.get(key)
+                if kept is None or r["per_image_s"] < kept["per_image_s"]:
+                    best[key] = {**r, "first_s": min(r["first_s"], (kept or r)["first_s"])}
+                print(f"  round {round_ + 1}: {key:18s} {r['per_image_s']:.4f} s/image  first call {r['first_s']:.2f} s",
+                      flush=True)
+    print("\n| side | setting | s / image | first call s |" + (" speed vs against |" if args.against else ""))
+    print("|---|---|---:|---:|" + ("---:|" if args.against else ""))
+    for key, r in best.items():
+        side, name = key.split(": ")
+        row = f"| {side} | {name} | {r['per_image_s']:.4f} | {r['first_s']:.2f} |"
+        if args.against:
+            row += f" {best[f'against: {name}']['per_image_s'] / r['per_image_s']:.2f}x |"
+        print(row)
+    if args.json:
+        args.json.write_text(json.dumps(best, indent=1))
+
+
+if __name__ == "__main__":
+    main()
