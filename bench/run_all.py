@@ -32,6 +32,8 @@ BENCHES: dict[str, tuple[list[str], str]] = {
               "with and without XLA"),
     "generate": (["bench/bench_generate.py"],
                  "Decoding: cached vs full recompute vs transformers generate(), greedy / beam 3 / nucleus"),
+    "decode_seed": (["bench/bench_decode_seed.py"],
+                    "Captioning at the seed's configuration: beam K=3 (4 images) and nucleus (1 image), s/image"),
 }
 
 
