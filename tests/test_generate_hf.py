@@ -173,3 +173,23 @@ def test_beam_sampling_draws_in_proportion_to_the_scores(models) -> None:
     share = firsts.count(top) / 300
     assert share >= probs[top] - 0.08, (share, probs[top])
     assert len(set(firsts)) > 2  # not beam search in disguise
+
+
+def test_sampling_with_several_returned_sequences_matches_transformers(models) -> None:
+    """num_return_sequences with do_sample: the rows come out as transformers orders them
+    (each prompt's draws together). With top_k=1 every draw is the argmax, so both must
+    return the greedy continuation, token for token, repeated per prompt; at temperature 1
+    the draws for one prompt differ from each other."""
+    hf, ours, eos = models
+    with torch.no_grad():
+        reference = hf.generate(
+            torch.tensor(PROMPTS), attention_mask=torch.ones_like(torch.tensor(PROMPTS)), max_new_tokens=MAX_NEW,
+            eos_token_id=eos, pad_token_id=eos, do_sample=True, top_k=1, num_return_sequences=3,
+        ).numpy()
+    got = generate(ours, PROMPTS, max_new_tokens=MAX_NEW, eos_token_id=eos, do_sample=True, top_k=1,
+                   num_return_sequences=3, seed=5, compile=False)
+    np.testing.assert_array_equal(got, reference)
+    np.testing.assert_array_equal(got[0::3], hf_generate(hf, eos))
+    drawn = generate(ours, PROMPTS[:1], max_new_tokens=MAX_NEW, eos_token_id=None, do_sample=True,
+                     num_return_sequences=4, seed=5, compile=False)
+    assert drawn.shape[0] == 4 and len({row.tobytes() for row in drawn}) > 1
