@@ -333,9 +333,11 @@ class ImageCache:
 
     @staticmethod
     def _decode(paths: list[str], size: int, max_pixels: int | None) -> CachedImages:
+        import sys
         import time
 
         import tensorflow as tf
+        from tqdm import tqdm
 
         from gpt2_effnet.data.images import decode_and_resize
 
@@ -349,8 +351,9 @@ class ImageCache:
             images[index] = batch
             readable[index] = True
         tensor = tf.constant(images)
-        print(f"decoded {int(readable.sum())} of {len(paths)} images into memory "
-              f"({images.nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s", flush=True)
+        # tqdm.write: the training loop's progress bar is usually on screen by now.
+        tqdm.write(f"decoded {int(readable.sum())} of {len(paths)} images into memory "
+                   f"({images.nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s", file=sys.stdout)
         return CachedImages(tensor, readable, np.zeros(0, np.int32))
 
 
