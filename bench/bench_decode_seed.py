@@ -39,8 +39,13 @@ def worker(spec: dict) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
+    import keras
+
     from gpt2_effnet.captioner import Captioner
     from gpt2_effnet.config import CaptionerConfig
+
+    if spec.get("policy"):
+        keras.mixed_precision.set_global_policy(spec["policy"])
 
     config = CaptionerConfig.from_dict({
         "gpt2": {"vocab_size": 50257, "n_positions": 64, "n_embd": 256, "n_layer": 4, "n_head": 4},
@@ -84,6 +89,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--policy", default=None,
+                        help="Keras dtype policy for this checkout's model (e.g. mixed_bfloat16); default: as built")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -91,12 +98,12 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     spec = {"tokens": args.tokens, "reps": args.reps}
-    sides = [("this", None)] + ([("against", args.against)] if args.against else [])
+    sides = [("this", None, {**spec, "policy": args.policy})] + ([("against", args.against, spec)] if args.against else [])
     print(f"CPU: {cpu_name()}")
     best: dict[str, dict] = {}
     for round_ in range(args.rounds):
-        for side, checkout in sides:
-            result = run(spec, checkout)
+        for side, checkout, side_spec in sides:
+            result = run(side_spec, checkout)
             for name, r in result.items():
                 key = f"{side}: {name}"
                 kept = best.get(key)
