@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from bench_train import cpu_name  # this folder is on sys.path when run as a script
+from bench_train import cpu_name, run_worker  # this folder is on sys.path when run as a script
 
 HERE = Path(__file__).resolve()
 
@@ -71,18 +69,6 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def run(spec: dict, checkout: Path | None) -> dict:
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = str(checkout) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], env=env,
-                          capture_output=True, text=True, cwd=str(checkout or HERE.parent.parent))
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"{checkout or 'this checkout'} failed:\n{proc.stderr[-3000:]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", type=Path, default=None, help="another checkout, measured in the same run")
@@ -103,7 +89,7 @@ def main() -> None:
     best: dict[str, dict] = {}
     for round_ in range(args.rounds):
         for side, checkout, side_spec in sides:
-            result = run(side_spec, checkout)
+            result = run_worker(HERE, side_spec, checkout)
             for name, r in result.items():
                 key = f"{side}: {name}"
                 kept = best.get(key)

@@ -106,16 +106,21 @@ def worker(spec: dict) -> dict:
 # ----------------------------------------------------------------------------- the driver
 
 
-def run_variant(spec: dict, checkout: Path | None) -> dict:
+def run_worker(script: Path, spec: dict, checkout: Path | None) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process importing ``checkout`` (None: this one); its RESULT line."""
     env = dict(os.environ)
     if checkout is not None:
         env["PYTHONPATH"] = str(checkout) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(HERE), "--worker", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, str(script), "--worker", json.dumps(spec)], env=env,
                           capture_output=True, text=True, cwd=str(checkout or HERE.parent.parent))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"variant {spec} failed:\n{proc.stderr[-3000:]}")
+    raise RuntimeError(f"{checkout or 'this checkout'}, {spec} failed:\n{proc.stderr[-3000:]}")
+
+
+def run_variant(spec: dict, checkout: Path | None) -> dict:
+    return run_worker(HERE, spec, checkout)
 
 
 def main() -> None:

@@ -315,7 +315,7 @@ class ImageCache:
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
-        self._kept: dict[tuple, CachedImages] = {}
+        self._kept: dict[tuple, tuple["tf.Tensor", np.ndarray]] = {}  # key -> (images, readable)
 
     def images(self, paths: Sequence[str], spec: PipelineSpec) -> CachedImages | None:
         """The decoded images behind ``paths`` (one per row), or None when over the budget."""
@@ -327,12 +327,12 @@ class ImageCache:
         if key not in self._kept:
             self._kept.clear()  # one set at a time: another worker share or size replaces it
             self._kept[key] = self._decode(unique, size, spec.max_image_pixels)
-        kept = self._kept[key]
+        tensor, readable = self._kept[key]
         position = {path: i for i, path in enumerate(unique)}
-        return CachedImages(kept.tensor, kept.readable, np.array([position[p] for p in paths], np.int32))
+        return CachedImages(tensor, readable, np.array([position[p] for p in paths], np.int32))
 
     @staticmethod
-    def _decode(paths: list[str], size: int, max_pixels: int | None) -> CachedImages:
+    def _decode(paths: list[str], size: int, max_pixels: int | None) -> tuple["tf.Tensor", np.ndarray]:
         import sys
         import time
 
@@ -354,7 +354,7 @@ class ImageCache:
         # tqdm.write: the training loop's progress bar is usually on screen by now.
         tqdm.write(f"decoded {int(readable.sum())} of {len(paths)} images into memory "
                    f"({images.nbytes / 2**20:.0f} MB) in {time.perf_counter() - start:.1f} s", file=sys.stdout)
-        return CachedImages(tensor, readable, np.zeros(0, np.int32))
+        return tensor, readable
 
 
 def text_tokenizer_fn(tokenizer: Tokenizer, max_length: int) -> Callable[["tf.Tensor"], tuple["tf.Tensor", "tf.Tensor"]]:
