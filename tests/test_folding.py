@@ -24,6 +24,7 @@ def _randomise_norms(model: keras.Model, rng: np.random.Generator) -> None:
 # B0 has depthwise convolutions in every block; V2-B0 only after its fused (plain) first stages.
 @pytest.mark.parametrize("name", ["efficientnetb0", "efficientnetv2-b0"])
 def test_folded_twin_equals_the_backbone_in_inference(name: str, rng: np.random.Generator) -> None:
+    keras.utils.set_random_seed(0)
     backbone = build_backbone(name, 64, None)
     _randomise_norms(backbone, rng)
     twin = fold_batch_norms(backbone)
@@ -36,16 +37,26 @@ def test_folded_twin_equals_the_backbone_in_inference(name: str, rng: np.random.
     # The same variables, none new.
     assert {id(v) for v in twin.weights} <= {id(v) for v in backbone.weights}
 
+    # Each folded layer is norm(conv(x)) to float32 rounding.
+    for layer in twin.layers:
+        if isinstance(layer, FoldedConvolution):
+            x = rng.normal(0, 1, (2, *layer.conv.input.shape[1:])).astype("float32")
+            want = np.asarray(layer.norm(layer.conv(x), training=False))
+            assert np.linalg.norm(np.asarray(layer(x)) - want) / np.linalg.norm(want) < 1e-5, layer.name
+
+    # The whole network: float32 rounding grows through ~60 layers with these randomised
+    # norms (a 1e-6 change of the input moves V2-B0's output by 5e-5; measured end-to-end
+    # differences 1e-6 to 1.1e-4), while a fold 0.1 % off in one bias gives 5.7e-2.
     images = rng.uniform(0, 255, (3, 64, 64, 3)).astype("float32")
     want = np.asarray(backbone(images, training=False))
     got = np.asarray(twin(images, training=False))
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
-    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max())
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max())
 
     # Refolded at every call: a changed statistic reaches the twin without rebuilding it.
     norms[-1].moving_mean.assign(norms[-1].moving_mean + 1.0)
     want = np.asarray(backbone(images, training=False))
-    np.testing.assert_allclose(np.asarray(twin(images, training=False)), want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(np.asarray(twin(images, training=False)), want, atol=1e-3 * np.abs(want).max())
 
 
 def test_a_convolution_with_two_readers_is_not_folded() -> None:
