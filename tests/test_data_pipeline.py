@@ -216,3 +216,18 @@ def test_image_cache_serves_the_same_batches_and_counts_the_same_skips(mixed_set
     assert small.images([str(folder / n) for n in ("alpha.png", "gray.jpg", "corrupt.jpg")], spec) is None
     again = collect(caption_dataset(captions, tok, spec, cache=small))
     np.testing.assert_array_equal(again["images"], streamed["images"])
+
+
+def test_training_pipelines_run_without_the_autotuner_thread(numbered_set, tok) -> None:
+    # The autotuner's thread sleeps for up to a minute between rounds, and deleting an
+    # iterator waits for it (a 44 s stall at the end of one demo run). Every pipeline
+    # (CSV/COCO, shards, DALI) takes its options from pipeline_options.
+    from gpt2_effnet.data.pipeline import ImageCache, pipeline_options
+
+    captions, _ = numbered_set
+    spec = PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, seed=0)
+    for cache in (None, ImageCache(2**30)):
+        options = caption_dataset(captions, tok, spec, cache=cache).options()
+        assert options.autotune.enabled is False
+        assert options.deterministic is False
+    assert pipeline_options(deterministic=True).autotune.enabled is False
