@@ -11,9 +11,13 @@ returned sequence per input, beams not counted) for
                  the whole prefix (what a decoder without a cache does);
 * ``hf``       - ``transformers`` ``GPT2LMHeadModel.generate()`` (PyTorch, its own KV cache)
                  on the same weights;
-* ``cached-xla`` (with ``--xla``) - the cached loop compiled by XLA (``jit_compile=True``);
+* ``cached-graph`` (with ``--graph-step``) - the same loop with its step in plain graph mode
+                 (``jit_compile=False``; on a CPU the default compiles the step alone with XLA);
+* ``cached-xla`` (with ``--xla``) - the whole cached loop compiled by XLA (``jit_compile=True``);
 
-and the ratios cached/no-cache and cached/hf, all measured in one run. A small captioner
+and the ratios cached/no-cache and cached/hf, all measured in one run. For greedy at batch
+1 it also prints the time per new token over the weight-read bound: the bytes of weights a
+step reads over the machine's memory bandwidth, measured first by a streaming copy. A small captioner
 (EfficientNetB0 at 224 px) adds images/s, cached vs no-cache. Times are the best of
 ``--reps`` runs after a warm-up (which includes compilation; shown as "first call").
 
@@ -106,6 +110,8 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                 kw = dict(MODES[mode], max_new_tokens=args.max_new_tokens, eos_token_id=None, seed=1)
                 tokens = batch * args.max_new_tokens
                 impls: dict[str, Callable[[], Any]] = {"cached": lambda: generate(ours, prompt, **kw)}
+                if args.graph_step:
+                    impls["cached-graph"] = lambda: generate(ours, prompt, jit_compile=False, **kw)
                 if args.xla:
                     impls["cached-xla"] = lambda: generate(ours, prompt, jit_compile=True, **kw)
                 # Without a cache the 124M model at batch 32 takes minutes per call on 2 CPU cores.
@@ -125,6 +131,11 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                     rows.append(row)
                     print(f"{name:>5} {mode:>8} batch {batch:>3} {impl:>8}: {tokens / best:9.1f} tok/s "
                           f"({best:.3f} s; first call {first:.1f} s)", flush=True)
+                    if impl == "cached" and mode == "greedy" and batch == 1:
+                        row.update(weight_read_bound(ours, best / args.max_new_tokens, args.bandwidth))
+                        print(f"      greedy batch 1: {row['step_ms']:.1f} ms per new token vs the weight-read bound "
+                              f"{row['bound_ms']:.1f} ms ({row['weight_mb']:.0f} MB at {args.bandwidth:.1f} GB/s): "
+                              f"{row['step_over_bound']:.2f}x the bound", flush=True)
 
 
 def bench_captioner(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -157,6 +168,39 @@ def bench_captioner(args: argparse.Namespace, rows: list[dict[str, Any]]) -> Non
                       f"{batch * args.max_new_tokens / best:8.1f} tok/s ({best:.3f} s; first call {first:.1f} s)", flush=True)
 
 
+def streaming_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s: the best of a few streaming copies (read +
+    write counted) of an array far larger than the caches, numpy's and TensorFlow's
+    (all cores), whichever is faster."""
+    import tensorflow as tf
+
+    source = np.ones(megabytes * 2**20 // 4, np.float32)
+    target = np.empty_like(source)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    x = tf.constant(source)
+    copy = tf.function(lambda t: t * 1.0)
+    copy(x)
+    for _ in range(reps):
+        start = time.perf_counter()
+        y = copy(x)
+        y.numpy()[:1]  # wait for it, without reading it back whole
+        best = min(best, time.perf_counter() - start)
+    return 2 * source.nbytes / best / 1e9
+
+
+def weight_read_bound(decoder: Any, step_seconds: float, bandwidth_gbs: float) -> dict[str, float]:
+    """A batch-1 decode step reads every weight once (of the position table only one row):
+    its time can be no less than those bytes over the memory bandwidth."""
+    weights = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in decoder.weights if "wpe" not in v.path)
+    bound = weights / (bandwidth_gbs * 1e9)
+    return dict(step_ms=step_seconds * 1e3, weight_mb=weights / 2**20, bound_ms=bound * 1e3,
+                step_over_bound=step_seconds / bound, bandwidth_gbs=bandwidth_gbs)
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     index = {(r["kind"], r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
@@ -164,7 +208,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
         if impl != "cached":
             continue
         parts = []
-        for other in ("cached-xla", "no-cache", "hf"):
+        for other in ("cached-graph", "cached-xla", "no-cache", "hf"):
             ref = index.get((kind, config, mode, batch, other))
             if ref is not None:
                 parts.append(f"x{ref['seconds'] / row['seconds']:.2f} vs {other}")
@@ -186,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="modes run for the 124M model at batch > 1 (each call takes many seconds on CPU)")
     parser.add_argument("--no-captioner", action="store_true")
     parser.add_argument("--xla", action="store_true", help="also time the cached loop compiled with XLA (slow to compile)")
+    parser.add_argument("--graph-step", action="store_true",
+                        help="also time the cached loop with its step in plain graph mode (jit_compile=False; "
+                             "the default on a CPU compiles the step alone with XLA)")
     parser.add_argument("--json", default=None, help="also write all figures here")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for both TensorFlow and PyTorch (0: their defaults). On a shared "
@@ -206,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"keras {keras.__version__} ({keras.backend.backend()}), tensorflow {tf.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), TF intra-op threads "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, {os.cpu_count()} CPUs, GPUs: {len(tf.config.list_physical_devices('GPU'))}")
+    args.bandwidth = streaming_bandwidth()
+    print(f"memory bandwidth (best streaming copy, read + write): {args.bandwidth:.1f} GB/s")
     rows: list[dict[str, Any]] = []
     bench_plain(args, rows)
     if not args.no_captioner:

@@ -164,6 +164,40 @@ def test_compiled_loop_equals_eager_loop(rng) -> None:
         np.testing.assert_allclose(compiled.scores, eager.scores, atol=1e-4)
 
 
+def test_on_a_cpu_the_step_is_its_own_xla_program_and_decodes_the_same(rng) -> None:
+    """jit_compile="auto" on a CPU: the loop in graph mode calling an XLA-compiled step
+    (up to XLA_STEP_MAX_ROWS rows). It must decode what the plain-graph loop
+    (jit_compile=False) and the eager loop do."""
+    import keras
+
+    from gpt2_effnet.decoding.backend import XLA_STEP_MAX_ROWS, step_compiler
+
+    def plus_one(x):
+        return x + 1
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        if not tf.config.list_logical_devices("GPU"):
+            step = step_compiler("auto")(plus_one)
+            assert step.xla._jit_compile is True
+            for rows, runs in ((1, 1), (XLA_STEP_MAX_ROWS, 2), (XLA_STEP_MAX_ROWS + 1, 2)):
+                step(tf.zeros((rows, 2)))
+                assert step.xla.experimental_get_tracing_count() == runs  # larger steps stay inline
+    for setting in (False, True):
+        assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole loop
+    decoder = tiny_decoder(14, seed=5, n_positions=24)
+    prompt = rng.integers(0, 14, (3, 2))
+    for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_p=0.9, seed=3)):
+        common = dict(max_new_tokens=9, eos_token_id=3, return_scores=True, **kwargs)
+        auto = generate(decoder, prompt, **common)
+        graph = generate(decoder, prompt, jit_compile=False, **common)
+        eager = generate(decoder, prompt, compile=False, **common)
+        for other in (graph, eager):
+            np.testing.assert_array_equal(auto.sequences, other.sequences)
+            np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+
+
 # -- sampling ---------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from keras import ops
 
-from .backend import JitSetting, compile_loop, resolve_jit
+from .backend import JitSetting, compile_loop, resolve_jit, step_compiler
 from .base import DecodeModel, GenerationConfig, GenerationOutput
 from .beam import beam_loop
 from .greedy import token_loop
@@ -53,23 +53,29 @@ def make_config(model: Any, **kwargs: Any) -> GenerationConfig:
 
 def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: bool, jit: JitSetting) -> Callable:
     """The compiled decode program for these settings, built on first use and kept on the model."""
-    jit = resolve_jit(jit) if compile else False
-    key = (config, use_cache, compile, jit)
+    whole = resolve_jit(jit) if compile else False
+    key = (config, use_cache, compile, jit if compile else False)
     programs = model.__dict__.setdefault(_CACHE_ATTR, {})  # plain dict: bypasses Keras' attribute tracking
     if key in programs:
         return programs[key]
     # A model that is not compiled would need no cache attribute, but a cached eager
     # function costs nothing and keeps one code path.
-    programs[key] = compile_loop(decode_function(model, config, use_cache), compile=compile, jit_compile=jit)
+    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile))
+    programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
     return programs[key]
 
 
-def decode_function(model: Any, config: GenerationConfig, use_cache: bool = True) -> Callable:
+def decode_function(
+    model: Any, config: GenerationConfig, use_cache: bool = True, compile_step: Callable[[Callable], Callable] | None = None
+) -> Callable:
     """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
     ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it; the SavedModel
-    export traces it into its serving graph."""
+    export traces it into its serving graph. ``compile_step`` wraps the cached decode step
+    (see :func:`~.backend.step_compiler`); None inlines it."""
     captioner = model if _is_captioner(model) else None
-    decode_model = DecodeModel(model.decoder if captioner is not None else model, use_cache=use_cache)
+    decode_model = DecodeModel(
+        model.decoder if captioner is not None else model, use_cache=use_cache, compile_step=compile_step
+    )
 
     def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None) -> dict[str, Any]:
         repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
