@@ -246,11 +246,11 @@ class GPT2Decoder(keras.Model):
 
     # -- incremental decoding ----------------------------------------------------------
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Any:
-        """Zeroed key/value cache ``[B, n_layer, 2, max_length, n_head, head_dim]``."""
+        """Zeroed key/value cache ``[B, n_layer, 2, n_head, max_length, head_dim]`` (heads first: see layers.py)."""
         cfg = self.gpt2_config
         if max_length > cfg.n_positions:
             raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")
-        shape = (batch_size, cfg.n_layer, 2, max_length, cfg.n_head, cfg.head_dim)
+        shape = (batch_size, cfg.n_layer, 2, cfg.n_head, max_length, cfg.head_dim)
         return ops.zeros(shape, dtype=dtype or self.compute_dtype)
 
     def call_with_cache(
@@ -282,7 +282,7 @@ class GPT2Decoder(keras.Model):
         return self.head(x), ops.stack(layer_caches, axis=1)
 
     def project_image(self, image_tokens: Any) -> Any:
-        """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, S, n_head, head_dim]``."""
+        """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""
         if self.cross_attention is None:
             raise ValueError("this decoder has no cross-attention (it is a plain GPT-2)")
         return ops.stack([block.crossattention.project_image(image_tokens) for block in self.blocks], axis=1)
