@@ -12,6 +12,8 @@ from typing import Any
 
 from keras import ops
 
+from ..fast_ops import argmax_last
+
 # Everything is int32 (JAX's default integer width): multiplications wrap modulo 2**32 on every
 # backend, and right shifts are masked so they act as logical shifts on negative values.
 _MULT_A = 0x7FEB352D
@@ -67,7 +69,7 @@ def sample_without_replacement(scores: Any, count: int, seed: Any, step: Any) ->
 
 
 def greedy_tokens(scores: Any) -> Any:
-    return ops.cast(ops.argmax(scores, axis=-1), "int32")
+    return argmax_last(scores)
 
 
 def sample_tokens(logits: Any, seed: Any, step: Any) -> Any:

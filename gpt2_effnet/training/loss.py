@@ -12,6 +12,8 @@ from typing import Any
 
 from keras import ops
 
+from ..fast_ops import argmax_last
+
 
 def next_token_split(token_ids: Any, mask: Any) -> tuple[Any, Any, Any]:
     """``(inputs, targets, weights)``: the model reads ``ids[:, :-1]`` and predicts ``ids[:, 1:]``.
@@ -35,8 +37,7 @@ def masked_cross_entropy_sum(logits: Any, targets: Any, weights: Any) -> tuple[A
 
 def masked_correct_sum(logits: Any, targets: Any, weights: Any) -> tuple[Any, Any]:
     """``(weighted count of positions whose argmax is the target, sum of weights)``."""
-    predicted = ops.argmax(logits, axis=-1)
-    hits = ops.cast(ops.equal(ops.cast(predicted, "int32"), ops.cast(targets, "int32")), "float32")
+    hits = ops.cast(ops.equal(argmax_last(logits), ops.cast(targets, "int32")), "float32")
     weights = ops.cast(weights, "float32")
     return ops.sum(hits * weights), ops.sum(weights)
 
