@@ -14,6 +14,7 @@ from typing import Any, Callable
 import keras
 from keras import ops
 
+from .batch_norm import use_fused_batch_norms
 from .folding import fold_batch_norms
 from .layers import TransformerBlock
 
@@ -46,6 +47,7 @@ def build_backbone(
     if isinstance(weights, str) and weights.lower() in ("none", "random", ""):
         weights = None
     model = BACKBONES[key](include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
+    use_fused_batch_norms(model)  # a trainable backbone's norms in one kernel each (batch_norm.py)
     if drop_path is not None:
         for layer in model.layers:
             # Keras' EfficientNets implement drop-path as a Dropout with noise_shape
