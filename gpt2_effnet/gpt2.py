@@ -60,6 +60,11 @@ def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def map_cache(fn: Callable[[Any], Any], cache: Any) -> Any:
+    """Apply a row operation (``ops.repeat``, ``ops.take`` on axis 0) to every buffer of a cache."""
+    return tuple(tuple(fn(buffer) for buffer in pair) for pair in cache)
+
+
 @keras.saving.register_keras_serializable("gpt2_effnet")
 class GPT2Decoder(keras.Model):
     """Token ids ``[B, T]`` -> logits ``[B, T, vocab_size + num_special_tokens]`` (float32)."""
@@ -245,13 +250,16 @@ class GPT2Decoder(keras.Model):
         return ops.stack(maps, axis=1)
 
     # -- incremental decoding ----------------------------------------------------------
-    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> Any:
-        """Zeroed key/value cache ``[B, n_layer, 2, n_head, max_length, head_dim]`` (heads first: see layers.py)."""
+    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> tuple:
+        """Zeroed key/value cache: per layer a ``(keys, values)`` pair of ``[B, n_head, max_length,
+        head_dim]`` buffers (heads first, one buffer each: see layers.py). Treat it as opaque;
+        :func:`map_cache` applies a row operation (repeat, gather) to all of it."""
         cfg = self.gpt2_config
         if max_length > cfg.n_positions:
             raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")
-        shape = (batch_size, cfg.n_layer, 2, cfg.n_head, max_length, cfg.head_dim)
-        return ops.zeros(shape, dtype=dtype or self.compute_dtype)
+        shape = (batch_size, cfg.n_head, max_length, cfg.head_dim)
+        dtype = dtype or self.compute_dtype
+        return tuple((ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer))
 
     def call_with_cache(
         self,
@@ -273,13 +281,10 @@ class GPT2Decoder(keras.Model):
             position_ids = ops.expand_dims(ops.arange(length, dtype="int32") + ops.cast(cache_index, "int32"), 0)
         x = self._embed(token_ids, position_ids, training=False)
         layer_caches = []
-        for i, block in enumerate(self.blocks):
-            kv = None if image_kv is None else image_kv[:, i]
-            x, layer_cache = block(
-                x, cache=cache[:, i], cache_index=cache_index, image_kv=kv, padding_mask=padding_mask
-            )
+        for block, layer_cache, kv in zip(self.blocks, cache, self._per_layer(image_kv)):
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask)
             layer_caches.append(layer_cache)
-        return self.head(x), ops.stack(layer_caches, axis=1)
+        return self.head(x), tuple(layer_caches)
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""

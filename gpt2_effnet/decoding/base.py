@@ -17,6 +17,8 @@ from typing import Any, Callable
 import numpy as np
 from keras import ops
 
+from ..gpt2 import map_cache
+
 NEG_INF = float("-inf")
 # Hugging Face's beam search uses this finite "impossible" score; keeping the same value
 # keeps tie-breaking among impossible candidates identical.
@@ -193,7 +195,7 @@ class DecodeModel:
                 prompt[:, :-1], cache, 0, image_kv=image_kv, padding_mask=key_ok, position_ids=positions
             )
         if repeats > 1:
-            cache = ops.repeat(cache, repeats, axis=0)
+            cache = map_cache(lambda buffer: ops.repeat(buffer, repeats, axis=0), cache)
         return cache
 
     def step(self, tokens: Any, length: Any, cache: Any, image_kv: Any | None) -> tuple[Any, Any]:
@@ -219,7 +221,7 @@ class DecodeModel:
         """Beam search: row ``i`` of the new cache is row ``rows[i]`` of the old one."""
         if not self.use_cache:
             return cache
-        return ops.take(cache, rows, axis=0)
+        return map_cache(lambda buffer: ops.take(buffer, rows, axis=0), cache)
 
 
 def run_loop(cond: Any, body: Any, state: tuple, max_steps: int, unroll: bool) -> tuple:

