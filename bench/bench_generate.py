@@ -14,6 +14,8 @@ returned sequence per input, beams not counted) for
 * ``cached-graph`` (with ``--graph-step``) - the same loop with its step in plain graph mode
                  (``jit_compile=False``; on a CPU the default compiles the step alone with XLA);
 * ``cached-xla`` (with ``--xla``) - the whole cached loop compiled by XLA (``jit_compile=True``);
+* ``cached-bf16`` / ``hf-bf16`` (with ``--bf16``) - ours with ``precision="bfloat16"`` (opt-in)
+                 and transformers on a bfloat16 copy of its model, the like-for-like pair;
 
 and the ratios cached/no-cache and cached/hf, all measured in one run. For greedy at batch
 1 it also prints the time per new token over the weight-read bound: the bytes of weights a
@@ -27,6 +29,7 @@ step reads over the machine's memory bandwidth, measured first by a streaming co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -100,6 +103,7 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
 
     for name in args.configs:
         ours, hf = build_models(name)
+        hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16) if args.bf16 else None
         params = sum(int(np.prod(v.shape)) for v in ours.weights)
         for batch in args.batches:
             prompt = np.random.default_rng(batch).integers(0, 50257, (batch, args.prompt_length))
@@ -114,6 +118,8 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                     impls["cached-graph"] = lambda: generate(ours, prompt, jit_compile=False, **kw)
                 if args.xla:
                     impls["cached-xla"] = lambda: generate(ours, prompt, jit_compile=True, **kw)
+                if args.bf16:
+                    impls["cached-bf16"] = lambda: generate(ours, prompt, precision="bfloat16", **kw)
                 # Without a cache the 124M model at batch 32 takes minutes per call on 2 CPU cores.
                 if params < 50e6 or batch <= args.no_cache_max_batch_large:
                     impls["no-cache"] = lambda: generate(ours, prompt, use_cache=False, **kw)
@@ -125,6 +131,13 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                         return hf.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), **hf_kw)
 
                 impls["hf"] = run_hf
+                if args.bf16:
+                    def run_hf_bf16() -> Any:
+                        torch.manual_seed(1)
+                        with torch.no_grad():
+                            return hf_bf16.generate(prompt_t, attention_mask=torch.ones_like(prompt_t), **hf_kw)
+
+                    impls["hf-bf16"] = run_hf_bf16
                 for impl, (first, best) in timed(impls, args.reps).items():
                     row = dict(kind="plain", config=name, mode=mode, batch=batch, impl=impl, first_s=round(first, 3),
                                seconds=round(best, 4), tokens_per_s=round(tokens / best, 2))
@@ -205,14 +218,15 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     index = {(r["kind"], r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
     for (kind, config, mode, batch, impl), row in index.items():
-        if impl != "cached":
+        if impl not in ("cached", "cached-bf16"):
             continue
         parts = []
-        for other in ("cached-graph", "cached-xla", "no-cache", "hf"):
+        others = ("cached-graph", "cached-xla", "no-cache", "hf") if impl == "cached" else ("cached", "hf", "hf-bf16")
+        for other in others:
             ref = index.get((kind, config, mode, batch, other))
             if ref is not None:
                 parts.append(f"x{ref['seconds'] / row['seconds']:.2f} vs {other}")
-        lines.append(f"{kind:>9} {config:>18} {mode:>8} batch {batch:>3}: " + ", ".join(parts))
+        lines.append(f"{kind:>9} {config:>18} {mode:>8} batch {batch:>3} {impl:>11}: " + ", ".join(parts))
     return lines
 
 
@@ -230,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="modes run for the 124M model at batch > 1 (each call takes many seconds on CPU)")
     parser.add_argument("--no-captioner", action="store_true")
     parser.add_argument("--xla", action="store_true", help="also time the cached loop compiled with XLA (slow to compile)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time precision='bfloat16' (ours, opt-in) and transformers with bfloat16 weights")
     parser.add_argument("--graph-step", action="store_true",
                         help="also time the cached loop with its step in plain graph mode (jit_compile=False; "
                              "the default on a CPU compiles the step alone with XLA)")

@@ -95,7 +95,7 @@ class GPT2Decoder(keras.Model):
             if num_special_tokens
             else None
         )
-        self.embed_dropout = keras.layers.Dropout(dropout)
+        self.embed_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
         self.blocks = [
             TransformerBlock(
                 cfg.n_head,

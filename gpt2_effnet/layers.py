@@ -67,7 +67,7 @@ class SelfAttention(keras.layers.Layer):
         self.dropout = dropout
         self.c_attn: keras.layers.Dense | None = None
         self.c_proj: keras.layers.Dense | None = None
-        self.resid_dropout = keras.layers.Dropout(dropout)
+        self.resid_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         width = input_shape[-1]
@@ -139,7 +139,7 @@ class CrossAttention(keras.layers.Layer):
         self.num_heads = num_heads
         self.gated = gated
         self.dropout = dropout
-        self.resid_dropout = keras.layers.Dropout(dropout)
+        self.resid_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         width = input_shape[-1]
@@ -213,7 +213,7 @@ class TransformerBlock(keras.layers.Layer):
                 num_heads, gated=cross_attention == "gated", dropout=dropout, name="crossattention", dtype=policy
             )
         self.ln_2 = keras.layers.LayerNormalization(epsilon=epsilon, name="ln_2", dtype=policy)
-        self.mlp_dropout = keras.layers.Dropout(dropout)
+        self.mlp_dropout = keras.layers.Dropout(dropout, dtype=self.dtype_policy)
 
     def build(self, input_shape: tuple) -> None:
         width = input_shape[-1]

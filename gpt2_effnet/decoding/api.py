@@ -18,6 +18,7 @@ from .backend import JitSetting, compile_loop, resolve_jit, step_compiler
 from .base import DecodeModel, GenerationConfig, GenerationOutput
 from .beam import beam_loop
 from .greedy import token_loop
+from .precision import decoder_in, refresh
 
 GPT2_EOS = 50256  # <|endoftext|> in the real GPT-2 vocabulary
 _CACHE_ATTR = "_gpt2_effnet_decode_programs"
@@ -60,7 +61,10 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
         return programs[key]
     # A model that is not compiled would need no cache attribute, but a cached eager
     # function costs nothing and keeps one code path.
-    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile))
+    # A bfloat16 step stays in the plain graph: as an XLA program it was 2.9x slower (GPT-2
+    # 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path.
+    step_jit = jit if config.precision == "float32" else False
+    run = decode_function(model, config, use_cache, compile_step=step_compiler(step_jit, compile))
     programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
     return programs[key]
 
@@ -73,16 +77,15 @@ def decode_function(
     export traces it into its serving graph. ``compile_step`` wraps the cached decode step
     (see :func:`~.backend.step_compiler`); None inlines it."""
     captioner = model if _is_captioner(model) else None
-    decode_model = DecodeModel(
-        model.decoder if captioner is not None else model, use_cache=use_cache, compile_step=compile_step
-    )
+    decoder = decoder_in(model.decoder if captioner is not None else model, config.precision)
+    decode_model = DecodeModel(decoder, use_cache=use_cache, compile_step=compile_step)
 
     def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None) -> dict[str, Any]:
         repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
         image_kv = None
         if images is not None:
-            image_kv = captioner.encode_images(images, training=False)
+            image_kv = ops.cast(captioner.encode_images(images, training=False), decoder.compute_dtype)
         if config.num_beams > 1:
             return beam_loop(decode_model, prompt, image_kv, config, seed)
         return token_loop(decode_model, prompt, image_kv, seed, config)
@@ -134,6 +137,9 @@ def generate(
     real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
     recomputes the full prefix at every step (for checks and benchmarks).
+    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: about
+    1.5x faster at batch 32 on CPUs with bfloat16 matmuls, no faster at batch 1, and not
+    always the same tokens as float32 (see :mod:`~gpt2_effnet.decoding.precision`).
     """
     captioner = _is_captioner(model)
     decoder = model.decoder if captioner else model
@@ -151,6 +157,7 @@ def generate(
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     prompt_mask = _as_prompt_mask(attention_mask, prompt.shape)
     program = _program(model, config, use_cache, compile, jit_compile)
+    refresh(decoder, config.precision)
     rows = prompt.shape[0] * config.num_return_sequences
     if compile and not config.do_sample:
         # Pad the batch to a bucket size so a compiled program traced for it serves every

@@ -18,6 +18,7 @@ import numpy as np
 from keras import ops
 
 from ..gpt2 import map_cache
+from .precision import check_precision
 
 NEG_INF = float("-inf")
 # Hugging Face's beam search uses this finite "impossible" score; keeping the same value
@@ -49,6 +50,8 @@ class GenerationConfig:
     early_stopping: bool | str = False
     # Logit columns >= this id are never generated (the captioner's BOS and other specials).
     suppress_from: int | None = None
+    # "bfloat16": decode with the decoder's bfloat16 twin (opt-in; see precision.py).
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int) -> None:
@@ -76,6 +79,7 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check_precision(self.precision)
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
