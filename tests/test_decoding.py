@@ -278,6 +278,30 @@ def test_top_p_filter_keeps_the_minimal_set_reaching_p(rng) -> None:
     assert max(_nucleus_sizes(cases["flat, needs the full search"], 0.9)) > TOP_P_SHORTLIST
 
 
+def test_top_k_sampling_on_candidates_draws_what_the_whole_vocabulary_draw_does(rng) -> None:
+    from gpt2_effnet.decoding.base import GenerationConfig
+    from gpt2_effnet.decoding.processors import sample_warped, top_k_filter
+    from gpt2_effnet.decoding.sampling import sample_tokens
+
+    logits = rng.normal(0, 2, (64, 1000)).astype("float32")
+    tied = logits.copy()
+    tied[:, :12] = 20.0  # twelve-way tie at the top: top_k(8) must keep all twelve, as HF does
+    few = np.full_like(logits, -np.inf)
+    few[:, :5] = logits[:, :5]  # fewer finite scores than k
+    for name, case in (("plain", logits), ("tie at the k-th", tied), ("fewer than k finite", few)):
+        for config in (GenerationConfig(do_sample=True, top_k=8), GenerationConfig(do_sample=True, top_k=8, top_p=0.7, temperature=1.5)):
+            scores = ops.convert_to_tensor(case)
+            for step in range(4):
+                warped = top_p_filter(top_k_filter(scores / config.temperature, config.top_k), config.top_p)
+                expected = np.asarray(sample_tokens(warped, 9, step))
+                got = np.asarray(sample_warped(scores, config, 9, step))
+                np.testing.assert_array_equal(got, expected, err_msg=f"{name} {config} step {step}")
+    # The tie case really drew among all twelve tied tokens (not only the 8 top_k returned).
+    draws = np.concatenate([np.asarray(sample_warped(ops.convert_to_tensor(tied), GenerationConfig(do_sample=True, top_k=8), 9, s))
+                            for s in range(30)])
+    assert set(draws.tolist()) == set(range(12))
+
+
 def test_top_k_filter_keeps_k_largest(rng) -> None:
     logits = rng.normal(0, 1, (4, 25)).astype("float32")
     kept = np.isfinite(np.asarray(top_k_filter(ops.convert_to_tensor(logits), 7)))

@@ -11,8 +11,8 @@ from typing import Any
 from keras import ops
 
 from .base import DecodeModel, GenerationConfig, run_loop
-from .processors import process_scores, suppress_special, warp_logits
-from .sampling import greedy_tokens, sample_tokens
+from .processors import process_scores, sample_warped, suppress_special
+from .sampling import greedy_tokens
 
 
 def token_loop(
@@ -43,7 +43,7 @@ def token_loop(
         logits = suppress_special(logits, config.suppress_from)
         processed = process_scores(logits, tokens, length, step, config)
         if config.do_sample:
-            chosen = sample_tokens(warp_logits(processed, config), seed, step)
+            chosen = sample_warped(processed, config, seed, step)
         else:
             chosen = greedy_tokens(processed)
         chosen = ops.cast(ops.where(done, pad, chosen), "int32")
