@@ -50,3 +50,32 @@ def batch_norm_training(x: Any, scale: Any, offset: Any, epsilon: float) -> tupl
     mean, variance = ops.moments(x32, axes=axes)
     y = ops.batch_normalization(x32, mean, variance, axis=-1, offset=offset, scale=scale, epsilon=epsilon)
     return ops.cast(y, x.dtype), mean, variance
+
+
+def sparse_cross_entropy(logits: Any, targets: Any) -> Any:
+    """Per-position ``-log softmax(logits)[target]`` (float32 logits ``[..., V]``, int targets).
+
+    On TensorFlow the loss and its gradient are written out (max, exp, sum; the gradient
+    ``softmax - one_hot`` from the kept exponentials): SparseSoftmaxCrossEntropyWithLogits
+    runs on one thread, and over a training step's ``[160, 50258]`` logits the written-out
+    form takes 14.2 vs 21.8 ms forward and backward (AMD EPYC, 2 cores).
+    """
+    targets = ops.cast(targets, "int32")
+    if keras.backend.backend() != "tensorflow":
+        return ops.sparse_categorical_crossentropy(targets, logits, from_logits=True)
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def loss(x: Any) -> Any:
+        peak = tf.stop_gradient(tf.reduce_max(x, axis=-1, keepdims=True))
+        exps = tf.exp(x - peak)
+        total = tf.reduce_sum(exps, axis=-1, keepdims=True)
+        picked = tf.gather(x, targets[..., None], batch_dims=len(x.shape) - 1)
+        value = (tf.math.log(total) + peak - picked)[..., 0]
+
+        def grad(upstream: Any) -> Any:
+            return upstream[..., None] * (exps / total - tf.one_hot(targets, tf.shape(x)[-1], dtype=x.dtype))
+
+        return value, grad
+
+    return loss(ops.cast(logits, "float32"))

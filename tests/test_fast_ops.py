@@ -18,3 +18,33 @@ def test_argmax_last_matches_numpy_including_ties() -> None:
         np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
     x = np.array([[-1.0, 2.5, 2.5, 0.0], [-0.0, 0.0, -1.0, -2.0]], np.float32)
     np.testing.assert_array_equal(ops.convert_to_numpy(argmax_last(ops.convert_to_tensor(x))), [1, 0])
+
+
+def test_sparse_cross_entropy_and_its_gradient_match_keras() -> None:
+    import tensorflow as tf
+
+    from gpt2_effnet.fast_ops import sparse_cross_entropy
+
+    rng = np.random.default_rng(1)
+    for shape in ((3, 5, 40), (96, 1000)):
+        logits = tf.constant(rng.normal(0, 3, shape).astype(np.float32))
+        targets = tf.constant(rng.integers(0, shape[-1], shape[:-1]).astype(np.int32))
+        weights = tf.constant(rng.uniform(0, 1, shape[:-1]).astype(np.float32))  # a mask-like upstream
+        results = []
+        for fn in (sparse_cross_entropy,
+                   lambda x, t: ops.sparse_categorical_crossentropy(t, x, from_logits=True)):
+            with tf.GradientTape() as tape:
+                tape.watch(logits)
+                per_position = fn(logits, targets)
+                total = tf.reduce_sum(per_position * weights)
+            results.append((per_position.numpy(), tape.gradient(total, logits).numpy()))
+        (ours, ours_grad), (keras_, keras_grad) = results
+        assert ours.shape == shape[:-1]
+        np.testing.assert_allclose(ours, keras_, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours_grad, keras_grad, rtol=1e-5, atol=1e-6)
+        # And against the definition, in float64.
+        x = logits.numpy().astype(np.float64)
+        log_p = x - x.max(-1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+        expected = -np.take_along_axis(log_p, targets.numpy()[..., None], axis=-1)[..., 0]
+        np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)

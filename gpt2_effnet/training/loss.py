@@ -12,7 +12,7 @@ from typing import Any
 
 from keras import ops
 
-from ..fast_ops import argmax_last
+from ..fast_ops import argmax_last, sparse_cross_entropy
 
 
 def next_token_split(token_ids: Any, mask: Any) -> tuple[Any, Any, Any]:
@@ -30,7 +30,7 @@ def next_token_split(token_ids: Any, mask: Any) -> tuple[Any, Any, Any]:
 def masked_cross_entropy_sum(logits: Any, targets: Any, weights: Any) -> tuple[Any, Any]:
     """``(sum of -log p(target) over weighted positions, sum of weights)``, both float32 scalars."""
     logits = ops.cast(logits, "float32")
-    per_token = ops.sparse_categorical_crossentropy(ops.cast(targets, "int32"), logits, from_logits=True)
+    per_token = sparse_cross_entropy(logits, targets)
     weights = ops.cast(weights, "float32")
     return ops.sum(per_token * weights), ops.sum(weights)
 
