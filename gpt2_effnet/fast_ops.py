@@ -58,7 +58,8 @@ def sparse_cross_entropy(logits: Any, targets: Any) -> Any:
     On TensorFlow the loss and its gradient are written out (max, exp, sum; the gradient
     ``softmax - one_hot`` from the kept exponentials): SparseSoftmaxCrossEntropyWithLogits
     runs on one thread, and over a training step's ``[160, 50258]`` logits the written-out
-    form takes 14.2 vs 21.8 ms forward and backward (AMD EPYC, 2 cores).
+    form takes 14.2 vs 21.8 ms forward and backward (AMD EPYC, 2 cores). The gradient
+    subtracts at the targets in place of building a one-hot matrix.
     """
     targets = ops.cast(targets, "int32")
     if keras.backend.backend() != "tensorflow":
@@ -74,7 +75,13 @@ def sparse_cross_entropy(logits: Any, targets: Any) -> Any:
         value = (tf.math.log(total) + peak - picked)[..., 0]
 
         def grad(upstream: Any) -> Any:
-            return upstream[..., None] * (exps / total - tf.one_hot(targets, tf.shape(x)[-1], dtype=x.dtype))
+            # softmax * upstream, then upstream taken off at each target: no one-hot matrix.
+            scaled = exps * (upstream[..., None] / total)
+            flat = tf.reshape(scaled, (-1, tf.shape(x)[-1]))
+            rows = tf.range(tf.shape(flat)[0])
+            where = tf.stack([rows, tf.reshape(targets, (-1,))], axis=1)
+            flat = tf.tensor_scatter_nd_sub(flat, where, tf.reshape(upstream, (-1,)))
+            return tf.reshape(flat, tf.shape(x))
 
         return value, grad
 

@@ -143,7 +143,9 @@ def logits_at_targets(model: Captioner, images: Any, inputs: Any, targets: Any, 
     """
     hidden = model.hidden_states({"images": images, "token_ids": inputs}, training=True)
     where = tf.where(weights > 0)
-    logits = model.decoder.head(tf.gather_nd(hidden, where)[tf.newaxis], compact=True)[0]
+    # expand_dims/squeeze, not [tf.newaxis]/[0]: the gradient of an index is a StridedSliceGrad
+    # that writes the whole [N, V] logits gradient once more (~4 ms of a seed-config step).
+    logits = tf.squeeze(model.decoder.head(tf.expand_dims(tf.gather_nd(hidden, where), 0), compact=True), 0)
     targets = model.decoder.compact_targets(tf.gather_nd(targets, where))
     return logits, targets, tf.gather_nd(weights, where)
 
