@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 from .batch_norm import use_fused_batch_norms
+from .input_norm import use_affine_normalization
 from .folding import fold_batch_norms
 from .layers import TransformerBlock
 
@@ -48,6 +49,7 @@ def build_backbone(
         weights = None
     model = BACKBONES[key](include_top=False, weights=weights, input_shape=(image_size, image_size, 3))
     use_fused_batch_norms(model)  # a trainable backbone's norms in one kernel each (batch_norm.py)
+    use_affine_normalization(model)  # its input normalisation as one op (input_norm.py)
     if drop_path is not None:
         for layer in model.layers:
             # Keras' EfficientNets implement drop-path as a Dropout with noise_shape
