@@ -137,8 +137,8 @@ def generate(
     real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
     recomputes the full prefix at every step (for checks and benchmarks).
-    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: about
-    1.5x faster at batch 32 on CPUs with bfloat16 matmuls, no faster at batch 1, and not
+    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: 1.2-1.4x
+    faster at batch 32 on CPUs with bfloat16 matmuls (GPT-2 124M), slower at batch 1, and not
     always the same tokens as float32 (see :mod:`~gpt2_effnet.decoding.precision`).
     """
     captioner = _is_captioner(model)

@@ -1,10 +1,10 @@
 """Decoding with bfloat16 weights and compute, opt-in: ``generate(..., precision="bfloat16")``.
 
 Why: decoding many rows at once is matmul-bound, and CPUs with AVX-512 BF16 (and AMX)
-run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M, greedy at
-batch 32, 1.04 vs 1.57 s per call (AMD EPYC, 2 cores; BENCHMARKS.md). At one row the
-step is bound by reading weights and the float32 XLA step stays faster, so bfloat16 is
-never chosen for the user.
+run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M at batch 32,
+greedy 1.03 vs 1.33 s per call, beam 3 2.12 vs 2.96 s (AMD EPYC, 2 cores; BENCHMARKS.md).
+At one row the step is bound by reading weights and the float32 XLA step stays faster,
+so bfloat16 is never chosen for the user.
 
 The decoder's bfloat16 twin is built once per model and refreshed from the float32
 weights at every call (a cast of every weight: the model may have trained since), so
