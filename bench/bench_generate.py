@@ -195,11 +195,11 @@ def streaming_bandwidth(megabytes: int = 512, reps: int = 5) -> float:
         np.copyto(target, source)
         best = min(best, time.perf_counter() - start)
     x = tf.constant(source)
-    copy = tf.function(lambda t: t * 1.0)
-    copy(x)
+    tf_copy = tf.function(lambda t: t * 1.0)
+    tf_copy(x)
     for _ in range(reps):
         start = time.perf_counter()
-        y = copy(x)
+        y = tf_copy(x)
         y.numpy()[:1]  # wait for it, without reading it back whole
         best = min(best, time.perf_counter() - start)
     return 2 * source.nbytes / best / 1e9

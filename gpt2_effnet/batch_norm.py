@@ -39,15 +39,21 @@ class FusedBatchNorm(keras.layers.BatchNormalization):
         return ops.cast(outputs, self.compute_dtype)
 
 
-def use_fused_batch_norms(model: keras.Model) -> int:
-    """Turn every plain BatchNormalization of ``model`` into a :class:`FusedBatchNorm`, in place.
+def swap_layer_class(model: keras.Model, original: type, replacement: type) -> int:
+    """Give every layer of ``model`` whose class is exactly ``original`` the class ``replacement``.
 
-    Only the class changes (the subclass adds no state), so weights, names and saved
-    files stay as they are. Returns how many layers changed.
+    For subclasses that add no state (FusedBatchNorm here, input_norm's
+    AffineNormalization): weights, names and saved files stay as they are. Returns how
+    many layers changed.
     """
     changed = 0
     for layer in model.layers:
-        if type(layer) is keras.layers.BatchNormalization:
-            layer.__class__ = FusedBatchNorm
+        if type(layer) is original:
+            layer.__class__ = replacement
             changed += 1
     return changed
+
+
+def use_fused_batch_norms(model: keras.Model) -> int:
+    """Turn every plain BatchNormalization of ``model`` into a :class:`FusedBatchNorm`, in place."""
+    return swap_layer_class(model, keras.layers.BatchNormalization, FusedBatchNorm)

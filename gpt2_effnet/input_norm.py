@@ -13,6 +13,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from .batch_norm import swap_layer_class
 from .fast_ops import channel_affine
 
 
@@ -32,14 +33,5 @@ class AffineNormalization(keras.layers.Normalization):
 
 
 def use_affine_normalization(model: keras.Model) -> int:
-    """Turn every plain Normalization of ``model`` into an :class:`AffineNormalization`, in place.
-
-    The subclass adds no state, so weights, names and saved files stay as they are.
-    Returns how many layers changed.
-    """
-    changed = 0
-    for layer in model.layers:
-        if type(layer) is keras.layers.Normalization:
-            layer.__class__ = AffineNormalization
-            changed += 1
-    return changed
+    """Turn every plain Normalization of ``model`` into an :class:`AffineNormalization`, in place."""
+    return swap_layer_class(model, keras.layers.Normalization, AffineNormalization)

@@ -10,7 +10,7 @@ result to an Adam that does not sum again (:class:`SummedGradientAdam`).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import keras
 from keras import ops
@@ -162,25 +162,18 @@ def clip_gradients(
     grads = [tf.convert_to_tensor(g) for g in grads]
     # Thresholds are cast once per dtype, not once per variable: with ~100 variables the
     # per-variable casts, squares and sums were ~1000 small ops of a train step.
-    def per_dtype(value: Any) -> Callable[[Any], Any]:
-        cache: dict[Any, Any] = {}
-
-        def cast(dtype: Any) -> Any:
-            if dtype not in cache:
-                cache[dtype] = tf.cast(value, dtype)
-            return cache[dtype]
-
-        return cast
-
+    dtypes = {g.dtype for g in grads}
     if clipvalue is not None:
-        upper = per_dtype(tf.cast(clipvalue, tf.float32) * scale)
-        lower = per_dtype(-tf.cast(clipvalue, tf.float32) * scale)
-        grads = [tf.minimum(tf.maximum(g, lower(g.dtype)), upper(g.dtype)) for g in grads]
+        limit = tf.cast(clipvalue, tf.float32) * scale
+        upper = {dtype: tf.cast(limit, dtype) for dtype in dtypes}
+        lower = {dtype: -value for dtype, value in upper.items()}
+        grads = [tf.minimum(tf.maximum(g, lower[g.dtype]), upper[g.dtype]) for g in grads]
     if global_clipnorm is not None:
         # l2_loss is sum(g ** 2) / 2 as one op.
         norm = tf.sqrt(2.0 * tf.add_n([tf.cast(tf.nn.l2_loss(g), tf.float32) for g in grads]))
         limit = tf.cast(global_clipnorm, tf.float32) * scale
         factor = limit / tf.maximum(norm, limit)  # 1 when within the limit; NaN/inf norm stays non-finite
-        factor = per_dtype(tf.where(tf.math.is_finite(norm), factor, norm))
-        grads = [g * factor(g.dtype) for g in grads]
+        factor = tf.where(tf.math.is_finite(norm), factor, norm)
+        factors = {dtype: tf.cast(factor, dtype) for dtype in dtypes}
+        grads = [g * factors[g.dtype] for g in grads]
     return grads
