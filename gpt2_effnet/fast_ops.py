@@ -103,3 +103,39 @@ def channel_affine(x: Any, scale: Any, offset: Any) -> Any:
         kernel = tf.reshape(scale, (1, 1, -1, 1))
         return tf.nn.bias_add(tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID"), offset)
     return x * scale + offset
+
+
+def bias_add(x: Any, bias: Any) -> Any:
+    """``x + bias`` over the last axis, as TensorFlow's BiasAdd where that is the backend.
+
+    oneDNN fuses convolution, bias and activation into one kernel only when the bias is
+    a BiasAdd: after ``conv + bias`` (an AddV2) the swish stays a pass of its own.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.nn.bias_add(x, ops.cast(bias, x.dtype))
+    return x + ops.cast(bias, x.dtype)
+
+
+def fuses_conv_and_frozen_norm(dtype: str) -> bool:
+    """Whether ``frozen_batch_norm`` right after a convolution becomes part of its kernel.
+
+    TensorFlow's oneDNN rewrite turns Conv2D -> FusedBatchNorm (inference) -> activation
+    into one fused convolution in float32; in bfloat16 the three stay apart (measured,
+    TF 2.21), while Conv2D -> BiasAdd -> activation fuses in both.
+    """
+    return keras.backend.backend() == "tensorflow" and dtype == "float32"
+
+
+def frozen_batch_norm(x: Any, scale: Any, offset: Any, mean: Any, variance: Any, epsilon: float) -> Any:
+    """Inference-mode batch norm over the last axis with float32 statistics, in ``x``'s dtype."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, mean=mean, variance=variance, epsilon=epsilon, is_training=False
+        )
+        return y
+    factor = scale * ops.rsqrt(variance + epsilon)
+    return x * ops.cast(factor, x.dtype) + ops.cast(offset - mean * factor, x.dtype)

@@ -7,7 +7,9 @@ seed's frozen EfficientNetV2-B0 those casts, multiplies and adds were ~30 % of t
 backbone's forward time, and the separate ops keep oneDNN from fusing convolution, bias
 and activation. The folded twin computes the same function (float32: equal to rounding,
 tested) from the *same variables*, refolded at every call, so loading or training the
-backbone needs no extra step. Used wherever the backbone runs in inference mode:
+backbone needs no extra step. (On TensorFlow in float32 a regular convolution is followed by
+an inference-mode FusedBatchNorm instead, which oneDNN fuses into the convolution: see
+:class:`FoldedConvolution`.) Used wherever the backbone runs in inference mode:
 captioning, evaluation, export, serving, and training with a frozen backbone.
 """
 
@@ -18,11 +20,20 @@ from typing import Any
 import keras
 from keras import ops
 
+from . import fast_ops
+
 _CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 
 class FoldedConvolution(keras.layers.Layer):
-    """``norm(conv(x))`` in inference mode, as one convolution plus bias."""
+    """``norm(conv(x))`` in inference mode, as one convolution plus bias.
+
+    On TensorFlow in float32 a regular convolution is not refolded: it is followed by an
+    inference-mode FusedBatchNorm, which oneDNN runs inside the convolution's kernel
+    together with the activation after it, so the ~220 per-call kernel multiplies of the
+    fold (a fifth of a one-image encode) are not needed. Depthwise convolutions and
+    bfloat16 (where oneDNN fuses only a bias) fold as before.
+    """
 
     def __init__(self, conv: keras.layers.Layer, norm: keras.layers.BatchNormalization, **kwargs: Any) -> None:
         super().__init__(name=f"{conv.name}_folded", dtype=conv.dtype_policy, **kwargs)
@@ -48,21 +59,53 @@ class FoldedConvolution(keras.layers.Layer):
             kernel = kernel * scale
         return kernel, bias
 
+    def norm_parameters(self) -> tuple[Any, Any, Any, Any]:
+        """``(scale, offset, mean, variance)`` in float32, the conv's bias taken into the mean."""
+        norm, conv = self.norm, self.conv
+        channels = norm.moving_mean.shape[-1]
+        scale = ops.cast(norm.gamma, "float32") if norm.scale else ops.ones((channels,), "float32")
+        offset = ops.cast(norm.beta, "float32") if norm.center else ops.zeros((channels,), "float32")
+        mean = ops.cast(norm.moving_mean, "float32")
+        if conv.use_bias:
+            mean = mean - ops.cast(conv.bias, "float32")
+        return scale, offset, mean, ops.cast(norm.moving_variance, "float32")
+
     def call(self, inputs: Any) -> Any:
+        conv = self.conv
+        depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
+        if not depthwise and fast_ops.fuses_conv_and_frozen_norm(self.compute_dtype):
+            outputs = conv.convolution_op(inputs, ops.cast(conv.kernel, self.compute_dtype))
+            return fast_ops.frozen_batch_norm(outputs, *self.norm_parameters(), self.norm.epsilon)
         kernel, bias = self.folded_weights()
         kernel = ops.cast(kernel, self.compute_dtype)
-        conv = self.conv
-        if isinstance(conv, keras.layers.DepthwiseConv2D):
+        if depthwise:
             outputs = ops.depthwise_conv(
                 inputs, kernel, strides=conv.strides, padding=conv.padding,
                 dilation_rate=conv.dilation_rate, data_format=conv.data_format,
             )
         else:
             outputs = conv.convolution_op(inputs, kernel)
-        return outputs + ops.cast(bias, self.compute_dtype)
+        return fast_ops.bias_add(outputs, bias)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return self.conv.compute_output_shape(input_shape)
+
+
+class FusableSwish(keras.layers.Layer):
+    """``x * sigmoid(x)``, the swish written out.
+
+    TensorFlow's ``silu`` (what Keras' swish calls) is ``x * sigmoid(beta * x)`` under a
+    custom gradient, which oneDNN's graph rewrite does not match: after a convolution and
+    its bias it stayed a pass of its own over the feature map (55 such passes in
+    EfficientNetV2-B0), while ``x * sigmoid(x)`` runs inside the convolution's kernel.
+    Same function; only used in the inference twin.
+    """
+
+    def call(self, inputs: Any) -> Any:
+        return inputs * ops.sigmoid(inputs)
+
+    def compute_output_shape(self, input_shape: tuple) -> tuple:
+        return input_shape
 
 
 class AbsorbedNorm(keras.layers.Layer):
@@ -117,6 +160,8 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
             return FoldedConvolution(layer, pairs[id(layer)])
         if id(layer) in folded_norms:
             return AbsorbedNorm(name=f"{layer.name}_folded", dtype=layer.dtype_policy)
+        if isinstance(layer, keras.layers.Activation) and layer.activation is keras.activations.silu:
+            return FusableSwish(name=f"{layer.name}_fusable", dtype=layer.dtype_policy)
         return layer
 
     return keras.models.clone_model(model, clone_function=replace)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from keras import ops
 
-from gpt2_effnet.fast_ops import argmax_last
+from gpt2_effnet.fast_ops import argmax_last, bias_add, frozen_batch_norm
 
 
 def test_argmax_last_matches_numpy_including_ties() -> None:
@@ -48,3 +48,16 @@ def test_sparse_cross_entropy_and_its_gradient_match_keras() -> None:
         log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
         expected = -np.take_along_axis(log_p, targets.numpy()[..., None], axis=-1)[..., 0]
         np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_batch_norm_and_bias_add_match_their_definitions() -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(0, 2, (2, 5, 5, 7)).astype("float32")
+    scale, offset, mean = (rng.normal(0, 1, 7).astype("float32") for _ in range(3))
+    variance = rng.uniform(0.1, 3.0, 7).astype("float32")
+    want = (x.astype("float64") - mean) / np.sqrt(variance.astype("float64") + 1e-3) * scale + offset
+    got = np.asarray(frozen_batch_norm(ops.convert_to_tensor(x), scale, offset, mean, variance, 1e-3))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # A wrong epsilon or a swapped scale/offset is far outside that tolerance.
+    assert np.abs(np.asarray(frozen_batch_norm(ops.convert_to_tensor(x), offset, scale, mean, variance, 1e-3)) - want).max() > 0.1
+    np.testing.assert_allclose(np.asarray(bias_add(ops.convert_to_tensor(x), offset)), x + offset, rtol=1e-6)

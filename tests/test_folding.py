@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gpt2_effnet.encoder import ImageEncoder, build_backbone
-from gpt2_effnet.folding import FoldedConvolution, fold_batch_norms, foldable_pairs
+from gpt2_effnet.folding import FoldedConvolution, FusableSwish, fold_batch_norms, foldable_pairs
 
 
 def _randomise_norms(model: keras.Model, rng: np.random.Generator) -> None:
@@ -36,6 +36,10 @@ def test_folded_twin_equals_the_backbone_in_inference(name: str, rng: np.random.
     assert kinds == {keras.layers.Conv2D, keras.layers.DepthwiseConv2D}
     # The same variables, none new.
     assert {id(v) for v in twin.weights} <= {id(v) for v in backbone.weights}
+    # Every swish activation layer is written out so oneDNN can fuse it into the conv before it.
+    swishes = [l for l in backbone.layers if isinstance(l, keras.layers.Activation) and l.activation is keras.activations.silu]
+    assert len(swishes) > 10
+    assert sum(isinstance(layer, FusableSwish) for layer in twin.layers) == len(swishes)
 
     # Each folded layer is norm(conv(x)) to float32 rounding.
     for layer in twin.layers:
@@ -57,6 +61,34 @@ def test_folded_twin_equals_the_backbone_in_inference(name: str, rng: np.random.
     norms[-1].moving_mean.assign(norms[-1].moving_mean + 1.0)
     want = np.asarray(backbone(images, training=False))
     np.testing.assert_allclose(np.asarray(twin(images, training=False)), want, atol=1e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_a_biased_convolution_folds_in_both_precisions(policy: str, rng: np.random.Generator) -> None:
+    """float32 on TensorFlow takes the conv -> frozen-norm path, bfloat16 the refolded kernel:
+    both must be norm(conv(x)) with the conv's own bias, then the swish."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs = keras.Input((6, 6, 5))
+        x = keras.layers.Conv2D(8, 3, padding="same", use_bias=True)(inputs)
+        x = keras.layers.BatchNormalization()(x)
+        model = keras.Model(inputs, keras.layers.Activation("swish")(x))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    _randomise_norms(model, rng)
+    conv = model.layers[1]
+    conv.bias.assign(rng.normal(0, 1, 8).astype("float32"))
+    twin = fold_batch_norms(model)
+    assert isinstance(twin.layers[1], FoldedConvolution) and isinstance(twin.layers[-1], FusableSwish)
+    images = rng.normal(0, 1, (3, 6, 6, 5)).astype("float32")
+    want = np.asarray(model(images, training=False), "float32")
+    got = np.asarray(twin(images, training=False), "float32")
+    tolerance = 1e-5 if policy == "float32" else 2e-2  # bfloat16 keeps 8 bits of mantissa
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < tolerance
+    # Leaving the conv's bias out of the norm would be far off.
+    conv.bias.assign(conv.bias + 0.5)
+    assert np.linalg.norm(np.asarray(twin(images, training=False), "float32") - want) / np.linalg.norm(want) > 0.05
 
 
 def test_a_convolution_with_two_readers_is_not_folded() -> None:
