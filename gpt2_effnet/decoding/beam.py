@@ -68,17 +68,17 @@ def beam_loop(
     columns = ops.reshape(ops.arange(total, dtype="int32"), (1, 1, total))
     batch_offsets = ops.expand_dims(ops.arange(batch, dtype="int32") * beams, 1)
 
-    def cond(step, running, running_scores, cache, done_seq, done_scores, done_flag, done_len, open_, all_hit):
+    def cond(step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit):
         go = ops.logical_and(step < config.max_new_tokens, ops.any(open_))
         go = ops.logical_and(go, ops.logical_not(all_hit))
         if config.early_stopping is True:
             go = ops.logical_and(go, ops.logical_not(ops.all(done_flag)))
         return go
 
-    def body(step, running, running_scores, cache, done_seq, done_scores, done_flag, done_len, open_, all_hit):
+    def body(step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit):
         length = prompt_length + step
         flat = ops.reshape(running, (rows, total))
-        logits, cache = model.step(flat, length, cache, image_kv)
+        logits, cache = model.step(flat, length, cache, image_kv, parents)
         log_probs = ops.log_softmax(suppress_special(logits, config.suppress_from), axis=-1)
         log_probs = process_scores(log_probs, flat, length, step, config)
         if config.do_sample:
@@ -105,8 +105,8 @@ def beam_loop(
         # Beams that keep running: the best K continuations that did not just end.
         running_scores, keep = ops.top_k(top_scores + hit_cost, beams)
         running = gather_rows(cand, keep)
-        parents = gather_rows(source, keep) + batch_offsets
-        cache = model.reorder(cache, ops.reshape(parents, (rows,)))
+        # The next step continues each beam's parent cache row (gathered inside that step).
+        parents = ops.reshape(gather_rows(source, keep) + batch_offsets, (rows,))
 
         # Hypotheses that just ended compete with the finished ones for the K slots.
         new_len = step + 1
@@ -134,13 +134,14 @@ def beam_loop(
         worst_done = ops.where(done_flag, ops.min(done_scores, axis=1, keepdims=True), IMPOSSIBLE)
         open_ = ops.logical_and(open_, ops.any(best_possible > worst_done, axis=1))
         all_hit = ops.all(hits)
-        return step, running, running_scores, cache, done_seq, done_scores, done_flag, done_len, open_, all_hit
+        return step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit
 
     state = (
         ops.convert_to_tensor(0, "int32"),
         running,
         running_scores,
         cache,
+        ops.arange(rows, dtype="int32"),
         running,
         ops.full((batch, beams), IMPOSSIBLE, "float32"),
         ops.zeros((batch, beams), "bool"),
@@ -149,7 +150,7 @@ def beam_loop(
         ops.convert_to_tensor(False),
     )
     state = run_loop(cond, body, state, config.max_new_tokens, not model.use_cache)
-    done_seq, done_scores, done_len = state[4], state[5], state[7]
+    done_seq, done_scores, done_len = state[5], state[6], state[8]
     keep = config.num_return_sequences
     return {
         "sequences": ops.reshape(done_seq[:, :keep], (batch * keep, total)),
