@@ -37,9 +37,8 @@ def token_loop(
     def cond(step, tokens, cache, done, lengths, scores):
         return ops.logical_and(step < config.max_new_tokens, ops.logical_not(ops.all(done)))
 
-    def body(step, tokens, cache, done, lengths, scores):
-        length = prompt_length + step
-        logits, cache = model.step(tokens, length, cache, image_kv)
+    def select(logits, tokens, length, step, done, seed):
+        """The next token per row and its log-probability; runs inside the compiled step."""
         logits = suppress_special(logits, config.suppress_from)
         processed = process_scores(logits, tokens, length, step, config)
         if config.do_sample:
@@ -48,7 +47,13 @@ def token_loop(
             chosen = greedy_tokens(processed)
         chosen = ops.cast(ops.where(done, pad, chosen), "int32")
         log_probs = ops.log_softmax(logits, axis=-1)
-        picked = ops.take_along_axis(log_probs, ops.expand_dims(chosen, 1), axis=1)[:, 0]
+        return chosen, ops.take_along_axis(log_probs, ops.expand_dims(chosen, 1), axis=1)[:, 0]
+
+    def body(step, tokens, cache, done, lengths, scores):
+        length = prompt_length + step
+        (chosen, picked), cache = model.step(
+            tokens, length, cache, image_kv, select=select, select_args=(tokens, length, step, done, seed)
+        )
         scores = scores + ops.where(done, 0.0, picked)
         lengths = lengths + ops.cast(ops.logical_not(done), "int32")
         tokens = ops.slice_update(tokens, [0, length], ops.expand_dims(chosen, 1))

@@ -101,7 +101,9 @@ def top_k_filter(logits: Any, k: int) -> Any:
     """Keep the k largest logits per row (and anything tied with the k-th)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = ops.top_k(logits, k)[0][:, -1:]
+    # The min of the top k, not its last column: XLA on a CPU turns a top_k whose values
+    # are sliced from the end into a full sort of the row (8.7 vs 0.29 ms over 50258).
+    kth = ops.min(ops.top_k(logits, k)[0], axis=-1, keepdims=True)
     return ops.where(logits < kth, NEG_INF, logits)
 
 
@@ -194,13 +196,18 @@ def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -
     values, ids = ops.top_k(scores, k + 1)  # descending; one more to see a tie at the k-th
 
     def on_candidates() -> Any:
-        order = ops.argsort(ids[:, :k], axis=-1)  # back to id order
+        # Back to id order: the ids sorted ascending (as -top_k(-ids)) and where each came from.
+        # Gathering top_k's ids by an argsort instead made XLA sort the whole row (11 ms).
+        negated, order = ops.top_k(-ids[:, :k], k)
         kept = top_p_filter(ops.take_along_axis(values[:, :k], order, axis=-1), config.top_p)
         picked = sample_tokens(kept, seed, step)
-        return ops.take_along_axis(ops.take_along_axis(ids[:, :k], order, axis=-1), picked[:, None], axis=-1)[:, 0]
+        return ops.take_along_axis(-negated, picked[:, None], axis=-1)[:, 0]
 
     def on_vocabulary() -> Any:
         return sample_tokens(top_p_filter(top_k_filter(scores, k), config.top_p), seed, step)
 
-    ambiguous = ops.any(ops.logical_not(values[:, k] < values[:, k - 1]))
+    # A tie at the k-th place: the (k+1)-th value (the smallest) occurs twice or more. Said
+    # without indexing the k-th column, which XLA on a CPU would turn into a full sort.
+    smallest = ops.min(values, axis=-1, keepdims=True)
+    ambiguous = ops.any(ops.sum(ops.cast(values == smallest, "int32"), axis=-1) >= 2)
     return ops.cond(ambiguous, on_vocabulary, on_candidates)
