@@ -75,10 +75,9 @@ def beam_loop(
             go = ops.logical_and(go, ops.logical_not(ops.all(done_flag)))
         return go
 
-    def body(step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit):
-        length = prompt_length + step
-        flat = ops.reshape(running, (rows, total))
-        logits, cache = model.step(flat, length, cache, image_kv, parents)
+    def select(logits, flat, length, step, running_scores):
+        """The best 2K continuations per input, ``([B, 2K] scores, [B, 2K] flat ids)``; runs
+        inside the compiled step, so the [rows, V] log-probabilities never leave it."""
         log_probs = ops.log_softmax(suppress_special(logits, config.suppress_from), axis=-1)
         log_probs = process_scores(log_probs, flat, length, step, config)
         if config.do_sample:
@@ -92,7 +91,14 @@ def beam_loop(
             top_index = ops.take_along_axis(drawn, ops.cast(order, "int32"), axis=1)
         else:
             top_scores, top_index = ops.top_k(totals, candidates)
-        top_index = ops.cast(top_index, "int32")
+        return top_scores, ops.cast(top_index, "int32")
+
+    def body(step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit):
+        length = prompt_length + step
+        flat = ops.reshape(running, (rows, total))
+        (top_scores, top_index), cache = model.step(
+            flat, length, cache, image_kv, parents, select=select, select_args=(flat, length, step, running_scores)
+        )
         source = top_index // vocab_size
         token = top_index % vocab_size
         cand = gather_rows(running, source)
