@@ -12,9 +12,10 @@ from typing import Any, Callable
 import keras
 
 # "auto": on a GPU, XLA compiles the whole loop. On a CPU the loop stays a plain graph and,
-# for up to XLA_STEP_MAX_ROWS rows, XLA compiles the model's decode step alone (see
-# `step_compiler`). XLA made the whole loop slower there (its top-k/top-p token selection
-# is a full sort, 4-13x slower). The step alone, as one fused program, measured (AMD EPYC,
+# for up to XLA_STEP_MAX_ROWS rows, XLA compiles the decode step alone: the model call and
+# the sampler's token choice (see `step_compiler`, `DecodeModel.step`'s `select`). The
+# whole loop under XLA was slower there (the image encoder: 57 vs 24 ms for one image;
+# the loop's bookkeeping). The model step alone, as one fused program, measured (AMD EPYC,
 # 2 cores): GPT-2 124M at 1 row 1.26-1.31x faster, at 3 rows 1.00x, at 32 and 96 rows
 # 0.97x and 0.95x with a first call 3-4x longer; the seed's captioner 1.42x at 1 row,
 # 1.16x at 12 (bench_generate --graph-step, bench_decode_seed).
