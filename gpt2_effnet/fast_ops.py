@@ -137,5 +137,11 @@ def frozen_batch_norm(x: Any, scale: Any, offset: Any, mean: Any, variance: Any,
             x, scale, offset, mean=mean, variance=variance, epsilon=epsilon, is_training=False
         )
         return y
+    factor, shift = norm_as_affine(scale, offset, mean, variance, epsilon)
+    return x * ops.cast(factor, x.dtype) + ops.cast(shift, x.dtype)
+
+
+def norm_as_affine(scale: Any, offset: Any, mean: Any, variance: Any, epsilon: float) -> tuple[Any, Any]:
+    """An inference batch norm as ``x * factor + shift``: ``(factor, shift)`` per channel."""
     factor = scale * ops.rsqrt(variance + epsilon)
-    return x * ops.cast(factor, x.dtype) + ops.cast(offset - mean * factor, x.dtype)
+    return factor, offset - mean * factor

@@ -42,16 +42,8 @@ class FoldedConvolution(keras.layers.Layer):
 
     def folded_weights(self) -> tuple[Any, Any]:
         """``(kernel, bias)`` in float32 from the live variables."""
-        norm, conv = self.norm, self.conv
-        variance = ops.cast(norm.moving_variance, "float32")
-        scale = ops.rsqrt(variance + norm.epsilon)
-        if norm.scale:
-            scale = scale * ops.cast(norm.gamma, "float32")
-        bias = -ops.cast(norm.moving_mean, "float32") * scale
-        if norm.center:
-            bias = bias + ops.cast(norm.beta, "float32")
-        if conv.use_bias:
-            bias = bias + ops.cast(conv.bias, "float32") * scale
+        conv = self.conv
+        scale, bias = fast_ops.norm_as_affine(*self.norm_parameters(), self.norm.epsilon)
         kernel = ops.cast(conv.kernel, "float32")
         if isinstance(conv, keras.layers.DepthwiseConv2D):
             kernel = kernel * ops.reshape(scale, (kernel.shape[2], kernel.shape[3]))
