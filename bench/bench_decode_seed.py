@@ -13,6 +13,11 @@ Each checkout runs in its own process (imported through ``PYTHONPATH``) through 
 ``Captioner.generate``; the first call (tracing) is timed apart, then the best of
 ``--reps`` calls is kept, and rounds alternate between checkouts so that a shared
 machine's swings hit both sides alike.
+
+``--changes`` then times, in the same warm process, the first call after a change a
+compiled program could serve (what a caption service sees when a request brings new
+settings): nucleus with a new top-p and temperature, beam with a new length penalty,
+beam and nucleus on 3 images after 4 (nucleus 4 is traced first, apart).
 """
 
 from __future__ import annotations
@@ -66,6 +71,34 @@ def worker(spec: dict) -> dict:
             times.append(time.perf_counter() - start)
         assert ids.shape[-1] == spec["tokens"], ids.shape
         out[name] = {"per_image_s": min(times) / setting["images"], "first_s": first}
+    if spec.get("changes"):
+        out["changes"] = changed_settings(model, rng, spec["tokens"])
+    return out
+
+
+def changed_settings(model, rng, tokens: int) -> dict:
+    """Seconds of the first call after each change, in order, in a process where
+    SETTINGS already ran (so each change is measured against warm programs)."""
+    import numpy as np
+
+    nucleus, beam = SETTINGS["nucleus"]["kwargs"], SETTINGS["beam"]["kwargs"]
+    one = rng.uniform(0, 255, (1, 224, 224, 3)).astype(np.float32)
+    four = rng.uniform(0, 255, (4, 224, 224, 3)).astype(np.float32)
+    common = {"max_new_tokens": tokens, "eos_token_id": None}
+    changes = [
+        ("nucleus top_p 0.8", one, dict(nucleus, top_p=0.8)),
+        ("nucleus top_p 0.8, temperature 0.7", one, dict(nucleus, top_p=0.8, temperature=0.7)),
+        ("nucleus temperature 1.3", one, dict(nucleus, top_p=0.8, temperature=1.3)),
+        ("beam length_penalty 0.6", four, dict(beam, length_penalty=0.6)),
+        ("beam 3 images", four[:3], dict(beam)),
+        ("(nucleus 4 images: traced apart)", four, dict(nucleus)),
+        ("nucleus 3 images", four[:3], dict(nucleus)),
+    ]
+    out = {}
+    for name, images, kwargs in changes:
+        start = time.perf_counter()
+        np.asarray(model.generate(images, **kwargs, **common))
+        out[name] = time.perf_counter() - start
     return out
 
 
@@ -77,19 +110,25 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--policy", default=None,
                         help="Keras dtype policy for this checkout's model (e.g. mixed_bfloat16); default: as built")
+    parser.add_argument("--changes", action="store_true",
+                        help="also time the first call after each changed setting (see the module docstring)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    spec = {"tokens": args.tokens, "reps": args.reps}
+    spec = {"tokens": args.tokens, "reps": args.reps, "changes": args.changes}
     sides = [("this", None, {**spec, "policy": args.policy})] + ([("against", args.against, spec)] if args.against else [])
     print(f"CPU: {cpu_name()}")
     best: dict[str, dict] = {}
+    changes: dict[str, dict[str, list[float]]] = {}
     for round_ in range(args.rounds):
         for side, checkout, side_spec in sides:
             result = run_worker(HERE, side_spec, checkout)
+            for name, seconds in result.pop("changes", {}).items():
+                changes.setdefault(name, {}).setdefault(side, []).append(seconds)
+                print(f"  round {round_ + 1}: {side}: first call after {name}: {seconds:.2f} s", flush=True)
             for name, r in result.items():
                 key = f"{side}: {name}"
                 kept = best.get(key)
@@ -105,8 +144,15 @@ def main() -> None:
         if args.against:
             row += f" {best[f'against: {name}']['per_image_s'] / r['per_image_s']:.2f}x |"
         print(row)
+    if changes:
+        names = [side for side, _, _ in sides]
+        print("\n| first call after | " + " | ".join(f"{n} s (per round)" for n in names) + " |")
+        print("|---|" + "---:|" * len(names))
+        for name, per_side in changes.items():
+            cells = [" / ".join(f"{t:.2f}" for t in per_side.get(n, [])) for n in names]
+            print(f"| {name} | " + " | ".join(cells) + " |")
     if args.json:
-        args.json.write_text(json.dumps(best, indent=1))
+        args.json.write_text(json.dumps({"best": best, "changes": changes}, indent=1))
 
 
 if __name__ == "__main__":

@@ -408,20 +408,71 @@ def test_torch_backend_captions_without_tensorflow(torch_run) -> None:
 
 
 def test_batch_sizes_share_a_compiled_program_per_bucket(captioner, rng) -> None:
-    """Greedy and beam search pad the batch to a bucket: batch 3 reuses batch 4's trace, same rows."""
+    """Every mode pads the batch to a bucket: batch 3 reuses batch 4's trace, same rows (sampled
+    rows too: a row's draws depend on the seed, the step and its index only)."""
     import keras
 
     from gpt2_effnet.decoding.api import bucket_size
 
     assert [bucket_size(n) for n in (1, 2, 3, 4, 5, 63, 64, 65, 130)] == [1, 2, 4, 4, 8, 64, 64, 128, 192]
     images = rng.uniform(0, 255, (4, 64, 64, 3)).astype("float32")
-    for kwargs in ({"max_new_tokens": 5}, {"max_new_tokens": 5, "num_beams": 2}):
+    sampled = {"max_new_tokens": 5, "do_sample": True, "top_k": 6, "temperature": 2.0, "seed": 3}
+    for kwargs in ({"max_new_tokens": 5}, {"max_new_tokens": 5, "num_beams": 2}, sampled,
+                   dict(sampled, num_return_sequences=2)):
         four = generate_captions(captioner, images, eos_token_id=0, **kwargs)
         three = generate_captions(captioner, images[:3], eos_token_id=0, **kwargs)
         eager = generate_captions(captioner, images[:3], eos_token_id=0, compile=False, **kwargs)
         np.testing.assert_array_equal(three, eager)
-        np.testing.assert_array_equal(three, four[:3, : three.shape[1]])
+        np.testing.assert_array_equal(three, four[: len(three), : three.shape[1]])
     if keras.backend.backend() == "tensorflow":
         programs = captioner.__dict__["_gpt2_effnet_decode_programs"]
         traced = [p.experimental_get_tracing_count() for p in programs.values() if hasattr(p, "experimental_get_tracing_count")]
         assert traced and max(traced) == 1, traced
+
+
+def test_new_temperature_top_p_and_penalties_reuse_the_compiled_program(rng) -> None:
+    """Temperature, top-p and the repetition and length penalties are inputs of the compiled
+    program: a new value decodes as the eager loop does with it, without a new trace."""
+    import keras
+
+    from gpt2_effnet.decoding.api import decode_function, make_config
+
+    decoder = tiny_decoder(14, seed=6, n_positions=24)
+    prompt = rng.integers(0, 14, (2, 3)).astype("int32")
+    common = dict(max_new_tokens=9, eos_token_id=3, return_scores=True)
+    pairs = [
+        (dict(do_sample=True, temperature=0.6, top_p=0.9, seed=2), dict(do_sample=True, temperature=1.7, top_p=0.5, seed=2)),
+        (dict(repetition_penalty=1.2), dict(repetition_penalty=6.0)),
+        (dict(num_beams=3, length_penalty=2.0), dict(num_beams=3, length_penalty=0.4)),
+    ]
+    for first, second in pairs:
+        before = generate(decoder, prompt, **common, **first)
+        programs = decoder.__dict__["_gpt2_effnet_decode_programs"]
+        count = len(programs)
+        after = generate(decoder, prompt, **common, **second)
+        assert len(programs) == count, (first, second)
+        eager = generate(decoder, prompt, compile=False, **common, **second)
+        np.testing.assert_array_equal(after.sequences, eager.sequences)
+        np.testing.assert_allclose(after.scores, eager.scores, atol=1e-4)
+        # The value reached the program: the two settings decode differently.
+        assert (before.sequences.shape != after.sequences.shape or (before.sequences != after.sequences).any()
+                or not np.allclose(before.scores, after.scores, atol=1e-3)), first
+        # And the program with the values as constants (the export's) agrees.
+        constants = decode_function(decoder, make_config(decoder, **{k: v for k, v in second.items() if k != "seed"},
+                                                          max_new_tokens=9, eos_token_id=3))
+        out = constants(ops.convert_to_tensor(prompt), None, ops.convert_to_tensor(np.int32(second.get("seed", 0))))
+        width = after.sequences.shape[1]
+        np.testing.assert_array_equal(np.asarray(out["sequences"])[:, :width], after.sequences)
+        if keras.backend.backend() == "tensorflow":
+            traced = [p.experimental_get_tracing_count() for p in programs.values() if hasattr(p, "experimental_get_tracing_count")]
+            assert max(traced) == 1, traced
+    # Sampling always divides by the temperature (exact at 1.0), so 1.0 shares the program and
+    # decodes as the eager loop does; top-p switched off (1.0) is a different program.
+    programs = decoder.__dict__["_gpt2_effnet_decode_programs"]
+    count = len(programs)
+    neutral = dict(do_sample=True, temperature=1.0, top_p=0.9, seed=2)
+    compiled = generate(decoder, prompt, **common, **neutral)
+    assert len(programs) == count
+    np.testing.assert_array_equal(compiled.sequences, generate(decoder, prompt, compile=False, **common, **neutral).sequences)
+    generate(decoder, prompt, **common, do_sample=True, temperature=1.0, top_p=1.0, seed=2)
+    assert len(programs) == count + 1

@@ -1,8 +1,10 @@
 """Public entry points: ``generate`` (plain GPT-2 or captioner), ``generate_captions``, ``caption_strings``.
 
 Each distinct (settings, model) pair is compiled once into one program (image encoding,
-prompt prefill and the whole decode loop) and cached on the model; the seed and the
-inputs are runtime arguments, so a new seed or a new batch of images of the same shape
+prompt prefill and the whole decode loop) and cached on the model; the seed, the inputs
+and the numeric settings that do not change the program's shape (temperature, top-p,
+repetition and length penalties) are runtime arguments, and batches are padded to a
+bucket size, so a new seed, a new such value or a new batch size in a traced bucket
 reuses the compiled program.
 """
 
@@ -15,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from .backend import JitSetting, compile_loop, resolve_jit, step_compiler
-from .base import DecodeModel, GenerationConfig, GenerationOutput
+from .base import DecodeModel, GenerationConfig, GenerationOutput, RuntimeSettings
 from .beam import beam_loop
 from .greedy import token_loop
 from .precision import decoder_in, refresh
@@ -53,8 +55,13 @@ def make_config(model: Any, **kwargs: Any) -> GenerationConfig:
 
 
 def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: bool, jit: JitSetting) -> Callable:
-    """The compiled decode program for these settings, built on first use and kept on the model."""
+    """The compiled decode program for these settings, built on first use and kept on the model.
+
+    Keyed by the settings' :meth:`~GenerationConfig.program_key`: the program is traced
+    with the stand-in values and reads the real ones from its ``values`` input.
+    """
     whole = resolve_jit(jit) if compile else False
+    config = config.program_key()
     key = (config, use_cache, compile, jit if compile else False)
     programs = model.__dict__.setdefault(_CACHE_ATTR, {})  # plain dict: bypasses Keras' attribute tracking
     if key in programs:
@@ -75,20 +82,23 @@ def decode_function(
     """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
     ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it; the SavedModel
     export traces it into its serving graph. ``compile_step`` wraps the cached decode step
-    (see :func:`~.backend.step_compiler`); None inlines it."""
+    (see :func:`~.backend.step_compiler`); None inlines it. ``run(..., values=...)`` takes
+    the settings' :meth:`~GenerationConfig.runtime_values` as an input (a tensor) instead
+    of the constants in ``config``."""
     captioner = model if _is_captioner(model) else None
     decoder = decoder_in(model.decoder if captioner is not None else model, config.precision)
     decode_model = DecodeModel(decoder, use_cache=use_cache, compile_step=compile_step)
 
-    def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None) -> dict[str, Any]:
+    def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None, values: Any = None) -> dict[str, Any]:
+        settings = config if values is None else RuntimeSettings(config, values)
         repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
         image_kv = None
         if images is not None:
             image_kv = ops.cast(captioner.encode_images(images, training=False), decoder.compute_dtype)
         if config.num_beams > 1:
-            return beam_loop(decode_model, prompt, image_kv, config, seed)
-        return token_loop(decode_model, prompt, image_kv, seed, config)
+            return beam_loop(decode_model, prompt, image_kv, settings, seed)
+        return token_loop(decode_model, prompt, image_kv, seed, settings)
 
     return run
 
@@ -159,18 +169,18 @@ def generate(
     program = _program(model, config, use_cache, compile, jit_compile)
     refresh(decoder, config.precision)
     rows = prompt.shape[0] * config.num_return_sequences
-    if compile and not config.do_sample:
+    if compile:
         # Pad the batch to a bucket size so a compiled program traced for it serves every
         # batch size up to it (tracing costs seconds; decoding a few rows more, far less).
-        # Rows are independent under greedy and beam search; sampling draws its random
-        # numbers over the whole batch, so it keeps the exact size.
+        # Rows are independent, sampled ones too: a row's random numbers depend on (seed,
+        # step, row index) only, so rows appended after the last do not change any draw.
         if prompt_mask is not None:
             prompt_mask, _ = _pad_to_bucket(prompt_mask, None)
         prompt, images = _pad_to_bucket(prompt, images)
     arguments = [ops.convert_to_tensor(prompt), images, ops.convert_to_tensor(np.int32(seed % 2**31))]
     if prompt_mask is not None:
         arguments.append(ops.convert_to_tensor(prompt_mask))
-    out = program(*arguments)
+    out = program(*arguments, values=ops.convert_to_tensor(config.runtime_values()))
     sequences = np.asarray(ops.convert_to_numpy(out["sequences"]))[:rows]
     lengths = np.asarray(ops.convert_to_numpy(out["lengths"]))[:rows]
     scores = np.asarray(ops.convert_to_numpy(out["scores"]))[:rows]

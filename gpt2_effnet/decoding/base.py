@@ -107,6 +107,66 @@ class GenerationConfig:
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
 
+    # Which branches the decode program has: each runtime value's stand-in keeps these.
+    @property
+    def uses_temperature(self) -> bool:
+        return self.temperature != 1.0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.top_p < 1.0
+
+    @property
+    def uses_repetition_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    @property
+    def rewards_length(self) -> bool:
+        return self.length_penalty > 0.0
+
+    def program_key(self) -> "GenerationConfig":
+        """The settings with every :data:`RUNTIME_VALUES` entry replaced by a stand-in that
+        keeps its branch (top-p and the repetition penalty on or off, the sign of the
+        length penalty), and the sampling settings cleared when not sampling (unused then).
+
+        A compiled program takes those values as an input (:meth:`runtime_values`), so
+        settings that differ only there share it: a new temperature or top-p from a
+        request costs a call, not a trace (seconds). Sampling always divides by the
+        temperature (by 1.0 it is exact), so turning it on needs no new program either;
+        top-p and the penalty stay switches, as they cost passes over the vocabulary.
+        """
+        sampling = self.do_sample
+        return self.replace(
+            temperature=0.5 if sampling else 1.0,
+            top_p=0.5 if sampling and self.uses_top_p else 1.0,
+            top_k=self.top_k if sampling else 0,
+            repetition_penalty=2.0 if self.uses_repetition_penalty else 1.0,
+            length_penalty=1.0 if self.rewards_length else 0.0,
+        )
+
+    def runtime_values(self) -> np.ndarray:
+        """The :data:`RUNTIME_VALUES`, in order, as the float32 input of a compiled program."""
+        return np.array([getattr(self, name) for name in RUNTIME_VALUES], np.float32)
+
+
+# Settings a compiled decode program reads at run time (see GenerationConfig.program_key).
+RUNTIME_VALUES = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+
+
+class RuntimeSettings:
+    """A :class:`GenerationConfig` whose :data:`RUNTIME_VALUES` read from ``values`` (a
+    ``[len(RUNTIME_VALUES)]`` float32 tensor, a program input); everything else, the
+    ``uses_*`` branch flags included, from the config the program was traced with."""
+
+    def __init__(self, config: GenerationConfig, values: Any) -> None:
+        self._config = config
+        self._values = {name: values[i] for i, name in enumerate(RUNTIME_VALUES)}
+
+    def __getattr__(self, name: str) -> Any:
+        if name in RUNTIME_VALUES:
+            return self.__dict__["_values"][name]
+        return getattr(self.__dict__["_config"], name)
+
 
 @dataclass
 class GenerationOutput:

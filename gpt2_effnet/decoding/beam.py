@@ -132,7 +132,7 @@ def beam_loop(
 
         # Can a running beam still beat the worst finished hypothesis?
         step = step + 1
-        if config.early_stopping == "never" and alpha > 0.0:
+        if config.early_stopping == "never" and config.rewards_length:
             best_length = ops.convert_to_tensor(float(config.max_new_tokens), "float32")
         else:
             best_length = ops.cast(step, "float32")

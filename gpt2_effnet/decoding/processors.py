@@ -79,7 +79,7 @@ def process_scores(scores: Any, tokens: Any, length: Any, new_tokens: Any, confi
     ``new_tokens`` is how many tokens have been generated so far (scalar tensor).
     """
     vocab_size = scores.shape[-1]
-    if config.repetition_penalty != 1.0:
+    if config.uses_repetition_penalty:
         seen = seen_tokens(tokens, length, vocab_size)
         penalty = config.repetition_penalty
         penalised = ops.where(scores < 0, scores * penalty, scores / penalty)
@@ -107,14 +107,15 @@ def top_k_filter(logits: Any, k: int) -> Any:
     return ops.where(logits < kth, NEG_INF, logits)
 
 
-def top_p_filter(logits: Any, p: float) -> Any:
+def top_p_filter(logits: Any, p: Any) -> Any:
     """Keep the smallest set of most probable tokens whose probabilities add up to >= p.
 
     A token is kept when the probability mass of the tokens ranked strictly above it is
     < p, so the set is minimal; the top token is always kept (p -> 0 is greedy). Ties with
-    the last kept logit are kept too.
+    the last kept logit are kept too. ``p`` may be a scalar tensor (a program's runtime
+    value): then the caller has decided that the filter is on.
     """
-    if p >= 1.0:
+    if isinstance(p, (int, float)) and p >= 1.0:
         return logits
     vocab_size = logits.shape[-1]
     log_total = ops.logsumexp(logits, axis=-1, keepdims=True)
@@ -171,10 +172,14 @@ def _bisected_threshold(logits: Any, log_total: Any, p: float) -> Any:
 
 def warp_logits(logits: Any, config: GenerationConfig) -> Any:
     """Temperature, then top-k, then top-p: Hugging Face's warper order."""
-    if config.temperature != 1.0:
+    if config.uses_temperature:
         logits = logits / config.temperature
     logits = top_k_filter(logits, config.top_k)
-    return top_p_filter(logits, config.top_p)
+    return _top_p(logits, config)
+
+
+def _top_p(logits: Any, config: GenerationConfig) -> Any:
+    return top_p_filter(logits, config.top_p) if config.uses_top_p else logits
 
 
 def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -> Any:
@@ -191,7 +196,7 @@ def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -
     k = config.top_k
     if not 0 < k < vocab_size - 1:
         return sample_tokens(warp_logits(scores, config), seed, step)
-    if config.temperature != 1.0:
+    if config.uses_temperature:
         scores = scores / config.temperature
     values, ids = ops.top_k(scores, k + 1)  # descending; one more to see a tie at the k-th
 
@@ -199,12 +204,12 @@ def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -
         # Back to id order: the ids sorted ascending (as -top_k(-ids)) and where each came from.
         # Gathering top_k's ids by an argsort instead made XLA sort the whole row (11 ms).
         negated, order = ops.top_k(-ids[:, :k], k)
-        kept = top_p_filter(ops.take_along_axis(values[:, :k], order, axis=-1), config.top_p)
+        kept = _top_p(ops.take_along_axis(values[:, :k], order, axis=-1), config)
         picked = sample_tokens(kept, seed, step)
         return ops.take_along_axis(-negated, picked[:, None], axis=-1)[:, 0]
 
     def on_vocabulary() -> Any:
-        return sample_tokens(top_p_filter(top_k_filter(scores, k), config.top_p), seed, step)
+        return sample_tokens(_top_p(top_k_filter(scores, k), config), seed, step)
 
     # A tie at the k-th place: the (k+1)-th value (the smallest) occurs twice or more. Said
     # without indexing the k-th column, which XLA on a CPU would turn into a full sort.

@@ -102,7 +102,7 @@ class Engine:
         from ..decoding import cut_at_eos, generate_captions
 
         count = len(pixels)
-        if count < self.max_batch:  # always the same batch size: one compiled program per setting
+        if count < self.max_batch:  # always the same batch size: one compiled program per setting's shape
             pixels = np.concatenate([pixels, np.repeat(pixels[-1:], self.max_batch - count, axis=0)])
         kwargs = settings.generation()
         eos = kwargs["eos_token_id"] = self.tokenizer.eos_token_id
