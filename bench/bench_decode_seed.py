@@ -17,7 +17,8 @@ machine's swings hit both sides alike.
 ``--changes`` then times, in the same warm process, the first call after a change a
 compiled program could serve (what a caption service sees when a request brings new
 settings): nucleus with a new top-p and temperature, beam with a new length penalty,
-beam and nucleus on 3 images after 4 (nucleus 4 is traced first, apart).
+beam and nucleus on 3 images after 4 (nucleus 4 is traced first, apart); last, a new
+top-k, which no traced program serves (the cost of a new program in a warm process).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def changed_settings(model, rng, tokens: int) -> dict:
         ("beam 3 images", four[:3], dict(beam)),
         ("(nucleus 4 images: traced apart)", four, dict(nucleus)),
         ("nucleus 3 images", four[:3], dict(nucleus)),
+        ("nucleus top_k 16 (a new program)", one, dict(nucleus, top_k=16)),
     ]
     out = {}
     for name, images, kwargs in changes:
