@@ -278,6 +278,41 @@ def test_top_p_filter_keeps_the_minimal_set_reaching_p(rng) -> None:
     assert max(_nucleus_sizes(cases["flat, needs the full search"], 0.9)) > TOP_P_SHORTLIST
 
 
+def _threshold64(row: np.ndarray, p: float) -> float:
+    """The smallest logit whose strictly-larger tokens hold < p of the mass (float64; ties by value)."""
+    probs = np.exp(log_softmax(row))
+    values = np.unique(row)[::-1]  # descending
+    above = np.array([probs[row > v].sum() for v in values])
+    return float(values[above < p].min())
+
+
+def test_top_p_whole_vocabulary_search_narrows_by_value_and_bisects_ties(rng) -> None:
+    """The search run when the shortlist falls short of p: the narrowing by value finds the
+    float64 threshold on flat rows; rows with more tied logits than it ranks are left to
+    the key bisection, which finds it too, and top_p_filter keeps every tie."""
+    from gpt2_effnet.decoding.processors import (NARROWED_CANDIDATES, _bisected_threshold, _narrowed_threshold,
+                                                 top_p_filter)
+
+    flat = rng.normal(0, 0.5, (4, 5000))
+    tied = np.repeat(rng.normal(0, 0.5, (3, 60)), NARROWED_CANDIDATES + 36, axis=1)  # groups of 100 equal logits
+    uniform = np.zeros((2, 3000))
+    for name, logits, narrowed_ok in (("flat", flat, True), ("tied", tied, False), ("uniform", uniform, False)):
+        x = ops.convert_to_tensor(logits.astype("float32"))
+        log_total = ops.logsumexp(x, axis=-1, keepdims=True)
+        for p in (0.3, 0.9):
+            expected = np.array([_threshold64(row, p) for row in logits.astype("float32").astype(np.float64)])
+            narrowed, found = (np.asarray(t) for t in _narrowed_threshold(x, log_total, p))
+            bisected = np.asarray(_bisected_threshold(x, log_total, p))[:, 0]
+            np.testing.assert_array_equal(bisected, expected.astype("float32"), err_msg=f"{name} p={p}")
+            if narrowed_ok:
+                assert found.all(), (name, p)
+                np.testing.assert_array_equal(narrowed[:, 0], expected.astype("float32"), err_msg=f"{name} p={p}")
+            else:
+                assert not found.any(), (name, p)  # these rows must go to the bisection
+            kept = np.isfinite(np.asarray(top_p_filter(x, p)))
+            np.testing.assert_array_equal(kept, logits.astype("float32") >= expected[:, None].astype("float32"))
+
+
 def test_top_k_sampling_on_candidates_draws_what_the_whole_vocabulary_draw_does(rng) -> None:
     from gpt2_effnet.decoding.base import GenerationConfig
     from gpt2_effnet.decoding.processors import sample_warped, top_k_filter
