@@ -172,8 +172,8 @@ def test_on_a_cpu_the_step_is_its_own_xla_program_and_decodes_the_same(rng) -> N
 
     from gpt2_effnet.decoding.backend import XLA_STEP_MAX_ROWS, step_compiler
 
-    def plus_one(x):
-        return x + 1
+    def plus_one(x, select=None, select_args=()):
+        return (x + 1 if select is None else select(x + 1, *select_args)), None
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
@@ -188,11 +188,17 @@ def test_on_a_cpu_the_step_is_its_own_xla_program_and_decodes_the_same(rng) -> N
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole loop
     decoder = tiny_decoder(14, seed=5, n_positions=24)
     prompt = rng.integers(0, 14, (3, 2))
-    for kwargs in (dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_p=0.9, seed=3)):
+    # 3 rows: model and choice in one XLA program; 24 and 18 rows: the model step in the
+    # graph, the token choice as its own XLA program.
+    wide = rng.integers(0, 14, (24, 2))
+    for prompts, kwargs in ((prompt, dict()), (prompt, dict(num_beams=3, num_return_sequences=2)),
+                            (prompt, dict(do_sample=True, top_p=0.9, seed=3)),
+                            (wide, dict(repetition_penalty=1.5)), (wide[:6], dict(num_beams=3)),
+                            (wide, dict(do_sample=True, top_k=5, seed=3))):
         common = dict(max_new_tokens=9, eos_token_id=3, return_scores=True, **kwargs)
-        auto = generate(decoder, prompt, **common)
-        graph = generate(decoder, prompt, jit_compile=False, **common)
-        eager = generate(decoder, prompt, compile=False, **common)
+        auto = generate(decoder, prompts, **common)
+        graph = generate(decoder, prompts, jit_compile=False, **common)
+        eager = generate(decoder, prompts, compile=False, **common)
         for other in (graph, eager):
             np.testing.assert_array_equal(auto.sequences, other.sequences)
             np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)

@@ -83,7 +83,14 @@ def test_the_bfloat16_copy_follows_the_models_weights() -> None:
 
 
 def test_a_captioner_decodes_in_bfloat16(tiny_config) -> None:
+    import keras
+
     from gpt2_effnet.captioner import Captioner
+
+    # Seeded: the agreement of a random tiny captioner depends on its draw (Keras seeds 0-9:
+    # 0.97-1.0; the unseeded draw left by running tests/test_export.py, test_serve.py and
+    # test_parity.py first gave 0.625).
+    keras.utils.set_random_seed(0)
 
     model = Captioner(tiny_config(gpt2={"vocab_size": 23, "n_positions": 16, "n_embd": 16},
                                   model={"image_size": 64, "max_caption_length": 8}))

