@@ -156,7 +156,9 @@ RUNTIME_VALUES = ("temperature", "top_p", "repetition_penalty", "length_penalty"
 class RuntimeSettings:
     """A :class:`GenerationConfig` whose :data:`RUNTIME_VALUES` read from ``values`` (a
     ``[len(RUNTIME_VALUES)]`` float32 tensor, a program input); everything else, the
-    ``uses_*`` branch flags included, from the config the program was traced with."""
+    ``uses_*`` branch flags included, from the config the program was traced with. The
+    loops and processors take it where their hints say GenerationConfig (duck-typed: the
+    same attributes, tensors for those values)."""
 
     def __init__(self, config: GenerationConfig, values: Any) -> None:
         self._config = config
