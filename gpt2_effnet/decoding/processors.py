@@ -175,7 +175,7 @@ def _narrowed_threshold(logits: Any, log_total: Any, p: Any) -> tuple[Any, Any]:
     def halve(_: Any, bracket: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         lo, hi, mass_lo = bracket
         middle = lo + (hi - lo) * 0.5
-        mass = ops.sum(ops.where(logits > middle[:, None], probs, 0.0), axis=-1)
+        mass = _mass_above(logits, middle, probs)
         kept = mass < p
         return ops.where(kept, lo, middle), ops.where(kept, middle, hi), ops.where(kept, mass_lo, mass)
 
@@ -196,6 +196,12 @@ def _narrowed_threshold(logits: Any, log_total: Any, p: Any) -> tuple[Any, Any]:
     kept = ops.logical_and(ops.logical_and(real, complete), above < p)
     threshold = ops.min(ops.where(kept, ascending, float("inf")), axis=-1, keepdims=True)
     return threshold, ops.any(kept, axis=-1)
+
+
+def _mass_above(values: Any, cut: Any, probs: Any) -> Any:
+    """``[N]``: the probability mass of the entries of ``values [N, V]`` strictly above ``cut [N]``
+    (one masked sum: a halving step of both whole-vocabulary searches)."""
+    return ops.sum(ops.where(values > cut[:, None], probs, 0.0), axis=-1)
 
 
 def _order_keys(values: Any) -> Any:
@@ -223,7 +229,7 @@ def _bisected_threshold(logits: Any, log_total: Any, p: Any) -> Any:
     def halve(_: Any, bracket: tuple[Any, Any]) -> tuple[Any, Any]:
         low, high = bracket
         middle = ops.right_shift(low, 1) + ops.right_shift(high, 1) + ops.bitwise_and(ops.bitwise_and(low, high), 1)
-        mass_above = ops.sum(ops.where(keys > middle[:, None], probs, 0.0), axis=-1)
+        mass_above = _mass_above(keys, middle, probs)
         kept = mass_above < p
         return ops.where(kept, low, middle), ops.where(kept, middle, high)
 
