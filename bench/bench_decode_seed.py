@@ -62,6 +62,8 @@ def worker(spec: dict) -> dict:
     for name, setting in SETTINGS.items():
         images = rng.uniform(0, 255, (setting["images"], 224, 224, 3)).astype(np.float32)
         kwargs = dict(setting["kwargs"], max_new_tokens=spec["tokens"], eos_token_id=None)
+        if spec.get("precision"):
+            kwargs["precision"] = spec["precision"]
         start = time.perf_counter()
         ids = np.asarray(model.generate(images, **kwargs))
         first = time.perf_counter() - start
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--policy", default=None,
                         help="Keras dtype policy for this checkout's model (e.g. mixed_bfloat16); default: as built")
+    parser.add_argument("--precision", default=None,
+                        help="decode this checkout with generate(precision=...), e.g. bfloat16-head (opt-in)")
     parser.add_argument("--changes", action="store_true",
                         help="also time the first call after each changed setting (see the module docstring)")
     parser.add_argument("--json", type=Path, default=None)
@@ -121,7 +125,7 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     spec = {"tokens": args.tokens, "reps": args.reps, "changes": args.changes}
-    sides = [("this", None, {**spec, "policy": args.policy})] + ([("against", args.against, spec)] if args.against else [])
+    sides = [("this", None, {**spec, "policy": args.policy, "precision": args.precision})] + ([("against", args.against, spec)] if args.against else [])
     print(f"CPU: {cpu_name()}")
     best: dict[str, dict] = {}
     changes: dict[str, dict[str, list[float]]] = {}

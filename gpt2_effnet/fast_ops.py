@@ -145,3 +145,42 @@ def norm_as_affine(scale: Any, offset: Any, mean: Any, variance: Any, epsilon: f
     """An inference batch norm as ``x * factor + shift``: ``(factor, shift)`` per channel."""
     factor = scale * ops.rsqrt(variance + epsilon)
     return factor, offset - mean * factor
+
+
+def logits_from_table(hidden: Any, table: Any) -> Any:
+    """float32 ``hidden [..., W]`` times ``table [V, W]`` transposed: ``[..., V]``, each product
+    taken between ``table.dtype`` values (``hidden`` is rounded to it) and summed in float32.
+
+    For a bfloat16 table this halves what a decode step reads for its largest matmul, the
+    tied output head, and keeps float32 logits (bfloat16 ones would tie most of the
+    vocabulary's near neighbours). TensorFlow's CPU kernels have no bfloat16 x bfloat16
+    -> float32 matmul, so there it is an XLA program (inlined when the caller is one):
+    the 50258 x 256 head takes 0.90 / 2.65 / 4.60 ms at 1 / 12 / 32 rows against 2.19 /
+    4.81 / 9.01 ms in float32 (AMD EPYC, 2 cores, AVX-512 BF16). Elsewhere both sides
+    are cast to float32 first, which computes the same products.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        return _tf_logits_from_table()(hidden, table.value if isinstance(table, keras.Variable) else table)
+    if name == "jax":
+        import jax.numpy as jnp
+
+        return jnp.einsum("...w,vw->...v", hidden.astype(table.dtype), table, preferred_element_type=jnp.float32)
+    low = ops.cast(ops.cast(hidden, table.dtype), "float32")
+    return ops.einsum("...w,vw->...v", low, ops.cast(table, "float32"))
+
+
+_TF_LOGITS: list[Any] = []
+
+
+def _tf_logits_from_table() -> Any:
+    if not _TF_LOGITS:
+        import tensorflow as tf
+
+        def product(hidden: Any, table: Any) -> Any:
+            flat = tf.reshape(tf.cast(hidden, table.dtype), (-1, hidden.shape[-1]))
+            logits = tf.linalg.matmul(flat, table, transpose_b=True, output_type=tf.float32)
+            return tf.reshape(logits, tf.concat([tf.shape(hidden)[:-1], tf.shape(table)[:1]], 0))
+
+        _TF_LOGITS.append(tf.function(product, jit_compile=True, autograph=False))
+    return _TF_LOGITS[0]

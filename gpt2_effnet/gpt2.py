@@ -17,6 +17,7 @@ import numpy as np
 from keras import ops
 
 from .config import GPT2Config
+from .fast_ops import logits_from_table
 from .layers import TransformerBlock
 
 
@@ -154,7 +155,7 @@ class GPT2Decoder(keras.Model):
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
-    def head(self, hidden: Any, compact: bool = False) -> Any:
+    def head(self, hidden: Any, compact: bool = False, tables: tuple | None = None) -> Any:
         """Final LayerNorm and the tied LM head: hidden ``[B, T, W]`` -> float32 logits ``[B, T, V]``.
 
         Public so a training step can apply it to the positions that have targets only
@@ -164,16 +165,28 @@ class GPT2Decoder(keras.Model):
         so every sampler sees the same restriction, or with ``compact=True`` returned
         as ``[B, T, K + 1]`` (the kept ids in :meth:`compact_targets` order, then one
         column standing for every excluded id) for a loss that needs no more.
+        ``tables``: low-precision copies of the (kept rows of the) token table and of the
+        special tokens' table to multiply instead (see decoding/precision.py), with
+        float32 sums.
         """
         hidden = self.ln_f(hidden)
+        if tables is not None:
+            parts = [logits_from_table(hidden, table) for table in tables if table is not None]
+        else:
+            parts = [ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype))
+                     for table in self.head_tables() if table is not None]
+        logits = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
+        return self._spread(ops.cast(logits, "float32"), compact)
+
+    def head_tables(self) -> tuple[Any, Any | None]:
+        """What :meth:`head` multiplies: the token table (its kept rows with an
+        ``output_vocabulary``) and the special tokens' table (None without specials)."""
         table = self.wte.embeddings
         if self.output_vocabulary is not None:
             table = ops.take(table, ops.convert_to_tensor(self.output_vocabulary, "int32"), axis=0)
-        logits = ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype))
-        if self.wte_special is not None:
-            special = ops.einsum("btw,vw->btv", hidden, ops.cast(self.wte_special.embeddings, hidden.dtype))
-            logits = ops.concatenate([logits, special], axis=-1)
-        logits = ops.cast(logits, "float32")
+        return table, None if self.wte_special is None else self.wte_special.embeddings
+
+    def _spread(self, logits: Any, compact: bool) -> Any:
         if self.output_vocabulary is None:
             return logits
         excluded = ops.full_like(logits[..., :1], EXCLUDED_LOGIT)
@@ -269,6 +282,7 @@ class GPT2Decoder(keras.Model):
         image_kv: Any | None = None,
         padding_mask: Any | None = None,
         position_ids: Any | None = None,
+        head_tables: tuple | None = None,
     ) -> tuple[Any, Any]:
         """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
 
@@ -284,7 +298,7 @@ class GPT2Decoder(keras.Model):
         for block, layer_cache, kv in zip(self.blocks, cache, self._per_layer(image_kv)):
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask)
             layer_caches.append(layer_cache)
-        return self.head(x), tuple(layer_caches)
+        return self.head(x, tables=head_tables), tuple(layer_caches)
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""

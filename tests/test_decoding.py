@@ -17,7 +17,8 @@ from gpt2_effnet.captioner import Captioner
 from gpt2_effnet.config import GPT2Config
 from gpt2_effnet.gpt2 import GPT2Decoder
 from gpt2_effnet.decoding import DecodeModel, GenerationConfig, generate, generate_captions
-from gpt2_effnet.decoding.processors import banned_ngram_tokens, top_k_filter, top_p_filter
+from gpt2_effnet.decoding import beam as beam_module
+from gpt2_effnet.decoding.processors import TOP_K_CHUNK, banned_ngram_tokens, top_k_by_chunks, top_k_filter, top_p_filter
 from gpt2_effnet.decoding.sampling import sample_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,6 +352,42 @@ def test_top_k_filter_keeps_k_largest(rng) -> None:
     assert kept.sum(1).tolist() == [7] * 4
 
 
+def test_top_k_by_chunks_is_top_k_of_the_transformed_rows(rng) -> None:
+    """Same values and ids as ops.top_k over the whole transformed row, ties to the lower id."""
+    for width, k in ((5000, 6), (TOP_K_CHUNK * 20, 4), (TOP_K_CHUNK * 7 + 1, 3)):
+        rows = [rng.normal(0, 1, width),
+                rng.integers(0, 3, width).astype(float),  # ties everywhere
+                np.zeros(width),  # all tied: the first k ids
+                np.where(rng.random(width) < 0.999, -np.inf, rng.normal(0, 1, width))]  # mostly -inf
+        tied = rng.normal(0, 1, width)
+        tied[rng.choice(width, 9, replace=False)] = 10.0  # more maxima than k, across chunks
+        rows.append(tied)
+        values = ops.convert_to_tensor(np.stack(rows).astype("float32"))
+        shift = ops.convert_to_tensor(rng.normal(0, 3, (len(rows), 1)).astype("float32"))
+        for transform in (None, lambda v: (v - 1.5) * 0.5 + shift):
+            expected = ops.top_k(values if transform is None else transform(values), k)
+            got = top_k_by_chunks(values, k, transform)
+            np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expected[0]))
+            np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(expected[1]))
+
+
+def test_beam_search_without_processors_ranks_chunks_and_equals_the_full_ranking(monkeypatch) -> None:
+    """The default beam search ranks each beam by top_k_by_chunks (the [rows, V] totals are
+    never written); with the full log-softmax and one top_k over K x V, as with processors,
+    it must find the same hypotheses with the same scores, bit for bit."""
+    decoder = tiny_decoder(vocab_size=3000, seed=4, scale=0.3)
+    prompts = np.random.default_rng(5).integers(0, 3000, (3, 4))
+    settings = [dict(num_beams=3), dict(num_beams=4, num_return_sequences=2, length_penalty=0.5),
+                dict(num_beams=3, eos_token_id=7, early_stopping=True)]
+    fast = [generate(decoder, prompts, max_new_tokens=6, return_scores=True, **kw) for kw in settings]
+    monkeypatch.setattr(beam_module, "processes", lambda config: True)  # the full ranking path
+    decoder.__dict__.pop("_gpt2_effnet_decode_programs")  # traced again with the full ranking
+    for kw, got in zip(settings, fast):
+        full = generate(decoder, prompts, max_new_tokens=6, return_scores=True, **kw)
+        np.testing.assert_array_equal(got.sequences, full.sequences)
+        np.testing.assert_array_equal(got.scores, full.scores)
+
+
 def test_sampled_frequencies_follow_the_distribution() -> None:
     probs = np.array([0.5, 0.25, 0.15, 0.1, 0.0])
     with np.errstate(divide="ignore"):
@@ -419,6 +456,13 @@ TORCH_SCRIPT = textwrap.dedent(
         beams = generate_captions(model, images, eos_token_id=0, num_beams=3)
         assert fast.shape[0] == 2 and (fast == slow).all(), (fast, slow)
         assert beams.shape[0] == 2
+        head = generate_captions(model, images, eos_token_id=0, precision="bfloat16-head")
+        assert head.shape[0] == 2
+        from keras import ops
+        from gpt2_effnet.decoding.processors import top_k_by_chunks
+        values = ops.convert_to_tensor(rng.normal(0, 1, (3, 4000)).astype("float32"))
+        got, want = top_k_by_chunks(values, 5), ops.top_k(values, 5)
+        assert np.array_equal(ops.convert_to_numpy(got[1]), ops.convert_to_numpy(want[1]))
         assert "tensorflow" not in sys.modules, "the torch path imported TensorFlow"
         print("ok", fast.tolist())
         """

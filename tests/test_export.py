@@ -132,3 +132,8 @@ def test_export_refuses_what_it_cannot_do(run_and_images, tmp_path, capsys) -> N
                         (["--out", str(tmp_path / "x"), "--beams", "2", "--top-p", "0.9"], "cannot be combined")):
         assert main(["export", str(run), *argv]) == 2
         assert named in capsys.readouterr().err
+    from gpt2_effnet.serving.export import export_saved_model
+
+    with pytest.raises(ValueError, match="bfloat16-head"):
+        export_saved_model(run, tmp_path / "y", precision="bfloat16-head")
+    assert not (tmp_path / "y").exists()

@@ -13,7 +13,7 @@ import pytest
 
 from gpt2_effnet.config import GPT2Config
 from gpt2_effnet.decoding import generate, generate_captions
-from gpt2_effnet.decoding.precision import decoder_in
+from gpt2_effnet.decoding.precision import decoder_in, head_tables
 from gpt2_effnet.gpt2 import GPT2Decoder
 
 VOCAB = 512
@@ -56,33 +56,61 @@ def test_bfloat16_logits_stay_within_a_bound_of_float32(decoder) -> None:
     assert same.mean() >= 0.95
 
 
-def test_bfloat16_greedy_decoding_agrees_on_held_out_prompts(decoder) -> None:
+def test_a_bfloat16_head_moves_the_logits_less_than_the_bfloat16_twin(decoder) -> None:
+    import keras
+
+    prompts = np.random.default_rng(1).integers(0, VOCAB, (64, 16))
+    exact = np.asarray(decoder(prompts), np.float64)
+    hidden = decoder.hidden_states(prompts)
+    low = np.asarray(decoder.head(hidden, tables=head_tables(decoder, "bfloat16-head")), np.float64)
+    twin = np.asarray(decoder_in(decoder, "bfloat16")(prompts), np.float64)
+    change = np.abs(low - exact).max() / exact.std()
+    twin_change = np.abs(twin - exact).max() / exact.std()
+    print(f"\n[bfloat16-head] max |logit change| = {change:.4f} x the logits' std (twin: {twin_change:.4f})")
+    assert 0 < change <= RELATIVE_BOUND and change < twin_change
+    top2 = np.sort(exact, axis=-1)[..., -2:]
+    clear = (top2[..., 1] - top2[..., 0]) > 2 * np.abs(low - exact).max()
+    same = exact.argmax(-1) == low.argmax(-1)
+    assert same[clear].all() and same.mean() >= 0.95
+    # What it computes: the final hidden state and the table, each rounded to bfloat16,
+    # multiplied and summed in float32 (against a float64 sum of the same products).
+    def rounded(x):
+        return np.asarray(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float32"), np.float64)
+
+    reference = rounded(decoder.ln_f(hidden)) @ rounded(decoder.wte.embeddings).T
+    np.testing.assert_allclose(low, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-head"])
+def test_bfloat16_greedy_decoding_agrees_on_held_out_prompts(decoder, precision) -> None:
     prompts = np.random.default_rng(2).integers(0, VOCAB, (48, 8))
     exact = generate(decoder, prompts, max_new_tokens=8, eos_token_id=None)
-    low = generate(decoder, prompts, max_new_tokens=8, eos_token_id=None, precision="bfloat16")
+    low = generate(decoder, prompts, max_new_tokens=8, eos_token_id=None, precision=precision)
     first = (exact[:, 8] == low[:, 8]).mean()
     whole = (exact[:, 8:] == low[:, 8:]).all(axis=1).mean()
-    print(f"\n[bfloat16 greedy] first token same for {first:.3f}, all 8 tokens for {whole:.3f} of 48 prompts")
+    print(f"\n[{precision} greedy] first token same for {first:.3f}, all 8 tokens for {whole:.3f} of 48 prompts")
     assert first >= 0.9 and whole >= 0.6
-    # The bfloat16 loop decodes what its own (uncompiled, uncached) forward says.
-    low_eager = generate(decoder, prompts, max_new_tokens=8, eos_token_id=None, precision="bfloat16",
+    # The low-precision loop decodes what its own (uncompiled, uncached) forward says.
+    low_eager = generate(decoder, prompts, max_new_tokens=8, eos_token_id=None, precision=precision,
                          use_cache=False, compile=False)
     assert (low_eager[:, 8] == low[:, 8]).mean() >= 0.95
 
 
-def test_the_bfloat16_copy_follows_the_models_weights() -> None:
+@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-head"])
+def test_the_bfloat16_copy_follows_the_models_weights(precision) -> None:
     model = random_gpt2(seed=3)
     prompts = np.random.default_rng(4).integers(0, VOCAB, (16, 6))
-    before = generate(model, prompts, max_new_tokens=4, eos_token_id=None, precision="bfloat16")
+    before = generate(model, prompts, max_new_tokens=4, eos_token_id=None, precision=precision)
     for variable, value in zip(model.weights, random_gpt2(seed=5).weights):
         variable.assign(value)  # as training would change them
-    after = generate(model, prompts, max_new_tokens=4, eos_token_id=None, precision="bfloat16")
+    after = generate(model, prompts, max_new_tokens=4, eos_token_id=None, precision=precision)
     exact = generate(model, prompts, max_new_tokens=4, eos_token_id=None)
     assert (after[:, 6] != before[:, 6]).mean() > 0.5  # it saw the new weights...
     assert (after[:, 6] == exact[:, 6]).mean() >= 0.9  # ...and decodes like them
 
 
-def test_a_captioner_decodes_in_bfloat16(tiny_config) -> None:
+@pytest.mark.parametrize("precision", ["bfloat16", "bfloat16-head"])
+def test_a_captioner_decodes_in_bfloat16(tiny_config, precision) -> None:
     import keras
 
     from gpt2_effnet.captioner import Captioner
@@ -96,7 +124,7 @@ def test_a_captioner_decodes_in_bfloat16(tiny_config) -> None:
                                   model={"image_size": 64, "max_caption_length": 8}))
     images = np.random.default_rng(6).uniform(0, 255, (4, 64, 64, 3)).astype("float32")
     exact = generate_captions(model, images, num_beams=2, eos_token_id=None)
-    low = generate_captions(model, images, num_beams=2, eos_token_id=None, precision="bfloat16")
+    low = generate_captions(model, images, num_beams=2, eos_token_id=None, precision=precision)
     assert low.shape == exact.shape
     assert (low == exact).mean() >= 0.75
 

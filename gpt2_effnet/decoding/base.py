@@ -50,7 +50,8 @@ class GenerationConfig:
     early_stopping: bool | str = False
     # Logit columns >= this id are never generated (the captioner's BOS and other specials).
     suppress_from: int | None = None
-    # "bfloat16": decode with the decoder's bfloat16 twin (opt-in; see precision.py).
+    # "bfloat16": decode with the decoder's bfloat16 twin; "bfloat16-head": with a bfloat16
+    # copy of the output head's table only (both opt-in; see precision.py).
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -200,10 +201,15 @@ class DecodeModel:
     """
 
     def __init__(
-        self, decoder: Any, use_cache: bool = True, compile_step: Callable[[Callable], Callable] | None = None
+        self,
+        decoder: Any,
+        use_cache: bool = True,
+        compile_step: Callable[[Callable], Callable] | None = None,
+        head_tables: tuple | None = None,
     ) -> None:
         self.decoder = decoder
         self.use_cache = use_cache
+        self.head_tables = head_tables  # low-precision head (precision.head_tables) or None
         # The one-token cached call, as its own program where that is faster (XLA on a CPU).
         self._cached_call = (compile_step or (lambda fn: fn))(self._cached_call_inline)
         self.key_ok: Any = None  # [rows, total] bool: False on left padding (set_prompt_mask)
@@ -289,8 +295,11 @@ class DecodeModel:
         if not self.use_cache:
             prefix = ops.slice(tokens, [0, 0], [tokens.shape[0], length])
             key_ok = None if self.key_ok is None else ops.slice(self.key_ok, [0, 0], [tokens.shape[0], length])
-            logits = self.decoder(prefix, image_kv=image_kv, padding_mask=key_ok,
-                                  position_ids=self._positions(0, length), training=False)
+            # The methods, not the layer's __call__: Keras would cast bfloat16 head tables
+            # (a keyword tensor) to the layer's float32 compute dtype on the way in.
+            hidden = self.decoder.hidden_states(prefix, image_kv=image_kv, padding_mask=key_ok,
+                                                position_ids=self._positions(0, length), training=False)
+            logits = self.decoder.head(hidden, tables=self.head_tables)
             logits = logits[:, -1]
             return (logits if select is None else select(logits, *select_args)), cache
         last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
@@ -313,7 +322,8 @@ class DecodeModel:
         if parents is not None:
             cache = map_cache(lambda buffer: ops.take(buffer, parents, axis=0), cache)
         logits, cache = self.decoder.call_with_cache(
-            last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions
+            last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
+            head_tables=self.head_tables,
         )
         logits = logits[:, 0]
         return (logits if select is None else select(logits, *select_args)), cache

@@ -27,7 +27,7 @@ import numpy as np
 from keras import ops
 
 from .base import IMPOSSIBLE, DecodeModel, GenerationConfig, gather_rows, run_loop
-from .processors import process_scores, suppress_special, warp_logits
+from .processors import process_scores, processes, suppress_special, top_k_by_chunks, warp_logits
 from .sampling import sample_without_replacement
 
 
@@ -78,6 +78,8 @@ def beam_loop(
     def select(logits, flat, length, step, running_scores):
         """The best 2K continuations per input, ``([B, 2K] scores, [B, 2K] flat ids)``; runs
         inside the compiled step, so the [rows, V] log-probabilities never leave it."""
+        if not config.do_sample and not processes(config):
+            return best_continuations(suppress_special(logits, config.suppress_from), running_scores)
         log_probs = ops.log_softmax(suppress_special(logits, config.suppress_from), axis=-1)
         log_probs = process_scores(log_probs, flat, length, step, config)
         if config.do_sample:
@@ -92,6 +94,22 @@ def beam_loop(
         else:
             top_scores, top_index = ops.top_k(totals, candidates)
         return top_scores, ops.cast(top_index, "int32")
+
+    def best_continuations(logits, running_scores):
+        """:func:`select` without processors or sampling: the log-softmax plus each beam's
+        score is a non-decreasing map of its logits, so each beam's best 2K come from
+        :func:`top_k_by_chunks` and the [rows, V] totals are never written; then the best
+        2K of each input's K x 2K, beam-major like the flat K*V index, so ties go alike."""
+        peak = ops.max(logits, axis=-1, keepdims=True)
+        log_total = ops.log(ops.sum(ops.exp(logits - peak), axis=-1, keepdims=True))
+        base = ops.reshape(running_scores, (rows, 1))
+        per_beam = min(candidates, vocab_size)  # a beam cannot give more than its row
+        scores, ids = top_k_by_chunks(logits, per_beam, lambda v: ((v - peak) - log_total) + base)
+        ids = ops.cast(ids, "int32") + ops.expand_dims(ops.arange(rows, dtype="int32") % beams, 1) * vocab_size
+        scores = ops.reshape(scores, (batch, beams * per_beam))
+        top_scores, order = ops.top_k(scores, candidates)
+        top_index = ops.take_along_axis(ops.reshape(ids, (batch, beams * per_beam)), ops.cast(order, "int32"), axis=1)
+        return top_scores, top_index
 
     def body(step, running, running_scores, cache, parents, done_seq, done_scores, done_flag, done_len, open_, all_hit):
         length = prompt_length + step

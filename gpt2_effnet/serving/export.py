@@ -90,6 +90,9 @@ class CaptionModule:
         self.config = make_config(model, **generation)
         if self.config.num_return_sequences != 1:
             raise ValueError("the export returns one caption per image (num_return_sequences 1)")
+        if self.config.precision == "bfloat16-head":
+            # Its head is an XLA program, which TF Serving's CPU build refuses to run.
+            raise ValueError("the export cannot decode with precision='bfloat16-head' (an XLA program)")
         self._run = decode_function(model, self.config)
         cfg = model.captioner_config
         self.image_size = cfg.model.image_size
