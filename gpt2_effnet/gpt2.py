@@ -283,8 +283,10 @@ class GPT2Decoder(keras.Model):
         padding_mask: Any | None = None,
         position_ids: Any | None = None,
         head_tables: tuple | None = None,
+        cache_rows: Any | None = None,
     ) -> tuple[Any, Any]:
         """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
+        ``cache_rows [B]``: row ``i`` continues cache row ``cache_rows[i]`` (beam search, T = 1).
 
         Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
         so one compiled step serves the whole decode loop.
@@ -296,7 +298,8 @@ class GPT2Decoder(keras.Model):
         x = self._embed(token_ids, position_ids, training=False)
         layer_caches = []
         for block, layer_cache, kv in zip(self.blocks, cache, self._per_layer(image_kv)):
-            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask)
+            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask,
+                                   cache_rows=cache_rows)
             layer_caches.append(layer_cache)
         return self.head(x, tables=head_tables), tuple(layer_caches)
 

@@ -95,10 +95,14 @@ class SelfAttention(keras.layers.Layer):
         cache_index: Any | None = None,
         padding_mask: Any | None = None,
         training: bool | None = None,
+        cache_rows: Any | None = None,
     ) -> tuple[Any, Any | None]:
         """Return ``(output, updated_cache)``; without a cache the second item is None.
 
         ``padding_mask`` is a ``[B, S]`` boolean over keys (S = cache length when cached).
+        ``cache_rows [B]`` (beam search, one token per row): row ``i`` continues the cache
+        row ``cache_rows[i]``. Gathered and written in one select, so XLA writes each
+        buffer once, where a gather and then an update wrote it twice and copied it once.
         """
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         query, key, value = self._split_heads(self.c_attn(x), 3)
@@ -106,9 +110,17 @@ class SelfAttention(keras.layers.Layer):
         if cache is not None:
             offset = cache_index
             key_cache, value_cache = cache  # each [B, H, max_len, D]
-            start = [0, 0, cache_index, 0]
-            key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-            value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+            if cache_rows is not None:
+                if length != 1:
+                    raise ValueError(f"cache_rows needs one new token per row, got {length}")
+                slot = ops.arange(key_cache.shape[2], dtype="int32") == ops.cast(cache_index, "int32")
+                slot = ops.reshape(slot, (1, 1, -1, 1))
+                key_cache = ops.where(slot, ops.cast(key, key_cache.dtype), ops.take(key_cache, cache_rows, axis=0))
+                value_cache = ops.where(slot, ops.cast(value, value_cache.dtype), ops.take(value_cache, cache_rows, axis=0))
+            else:
+                start = [0, 0, cache_index, 0]
+                key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+                value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
             cache = (key_cache, value_cache)
             key, value = ops.cast(key_cache, query.dtype), ops.cast(value_cache, query.dtype)
         mask = attention_mask(length, ops.shape(key)[2], offset, self.causal)
@@ -236,10 +248,13 @@ class TransformerBlock(keras.layers.Layer):
         padding_mask: Any | None = None,
         training: bool | None = None,
         return_attention: bool = False,
+        cache_rows: Any | None = None,
     ) -> tuple[Any, ...]:
-        """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``."""
+        """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``.
+        ``cache_rows``: see SelfAttention.call."""
         attended, cache = self.attn(
-            self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training
+            self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training,
+            cache_rows=cache_rows,
         )
         x = x + attended
         weights = None

@@ -319,11 +319,9 @@ class DecodeModel:
         select: Callable[..., Any] | None = None,
         select_args: tuple = (),
     ) -> tuple[Any, Any]:
-        if parents is not None:
-            cache = map_cache(lambda buffer: ops.take(buffer, parents, axis=0), cache)
         logits, cache = self.decoder.call_with_cache(
             last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
-            head_tables=self.head_tables,
+            head_tables=self.head_tables, cache_rows=parents,
         )
         logits = logits[:, 0]
         return (logits if select is None else select(logits, *select_args)), cache
