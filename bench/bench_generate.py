@@ -16,6 +16,8 @@ returned sequence per input, beams not counted) for
 * ``cached-xla`` (with ``--xla``) - the whole cached loop compiled by XLA (``jit_compile=True``);
 * ``cached-bf16`` / ``hf-bf16`` (with ``--bf16``) - ours with ``precision="bfloat16"`` (opt-in)
                  and transformers on a bfloat16 copy of its model, the like-for-like pair;
+* ``cached-bf16-head`` (with ``--bf16-head``) - ours with ``precision="bfloat16-head"``
+                 (opt-in: the output head's table in bfloat16, everything else float32);
 
 and the ratios cached/no-cache and cached/hf, all measured in one run. For greedy at batch
 1 it also prints the time per new token over the weight-read bound: the bytes of weights a
@@ -120,6 +122,8 @@ def bench_plain(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
                     impls["cached-xla"] = lambda: generate(ours, prompt, jit_compile=True, **kw)
                 if args.bf16:
                     impls["cached-bf16"] = lambda: generate(ours, prompt, precision="bfloat16", **kw)
+                if args.bf16_head:
+                    impls["cached-bf16-head"] = lambda: generate(ours, prompt, precision="bfloat16-head", **kw)
                 # Without a cache the 124M model at batch 32 takes minutes per call on 2 CPU cores.
                 if params < 50e6 or batch <= args.no_cache_max_batch_large:
                     impls["no-cache"] = lambda: generate(ours, prompt, use_cache=False, **kw)
@@ -218,7 +222,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     index = {(r["kind"], r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
     for (kind, config, mode, batch, impl), row in index.items():
-        if impl not in ("cached", "cached-bf16"):
+        if impl not in ("cached", "cached-bf16", "cached-bf16-head"):
             continue
         parts = []
         others = ("cached-graph", "cached-xla", "no-cache", "hf") if impl == "cached" else ("cached", "hf", "hf-bf16")
@@ -244,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="modes run for the 124M model at batch > 1 (each call takes many seconds on CPU)")
     parser.add_argument("--no-captioner", action="store_true")
     parser.add_argument("--xla", action="store_true", help="also time the cached loop compiled with XLA (slow to compile)")
+    parser.add_argument("--bf16-head", action="store_true",
+                        help="also time precision='bfloat16-head' (ours, opt-in)")
     parser.add_argument("--bf16", action="store_true",
                         help="also time precision='bfloat16' (ours, opt-in) and transformers with bfloat16 weights")
     parser.add_argument("--graph-step", action="store_true",

@@ -283,9 +283,9 @@ class DecodeModel:
         """Logits ``[N, V]`` for position ``length`` given ``tokens[:, :length]`` (``[N, L]`` buffer).
 
         ``parents [N]`` (beam search): row ``i`` continues the cache row ``parents[i]``. The
-        rows are gathered inside the step, where the compiled program's copy of the cache
-        for its one-row update takes them for free; gathered apart, eight buffers a step
-        cost ~0.7 ms of a ~9 ms beam step at the seed's configuration.
+        rows are gathered inside the step, by the same select that writes the new token's
+        keys and values (SelfAttention's ``cache_rows``): gathered apart, eight buffers a
+        step cost ~0.7 ms of a ~9 ms beam step at the seed's configuration.
 
         ``select`` (the sampler's token choice): ``select(logits, *select_args)`` is returned
         instead of the logits, computed in the same compiled program as the model, so a
