@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from ..decoding.precision import PRECISIONS
 from ..image_input import caption_files, find_images
 
 
@@ -33,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N")
     search.add_argument("--repetition-penalty", type=float, default=1.0)
     search.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_length")
+    search.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="opt-in bfloat16 decoding: 'bfloat16-head' (the output head's table) or 'bfloat16' "
+                             "(the whole decoder); faster on CPUs with bfloat16 matmuls, not always float32's "
+                             "captions (README, BENCHMARKS.md)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--xla", action="store_true",
                         help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
@@ -52,6 +57,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["seed"] = args.seed
     if args.xla:
         kwargs["jit_compile"] = True
+    if args.precision != "float32":
+        kwargs["precision"] = args.precision
     return kwargs
 
 

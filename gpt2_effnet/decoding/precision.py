@@ -28,8 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from keras import ops
-
+# Keras is imported inside the functions: the CLI reads PRECISIONS for its --help.
 PRECISIONS = ("float32", "bfloat16", "bfloat16-head")
 HEAD_ONLY = "bfloat16-head"
 _TWINS_ATTR = "_gpt2_effnet_precision_twins"
@@ -62,6 +61,8 @@ def head_tables(decoder: Any, precision: str) -> tuple | None:
     always reads the model's current weights and no copy outlives the call."""
     if check_precision(precision) != HEAD_ONLY:
         return None
+    from keras import ops
+
     return tuple(None if table is None else ops.cast(table, "bfloat16") for table in decoder.head_tables())
 
 
@@ -73,6 +74,8 @@ def refresh(decoder: Any, precision: str) -> None:
 
 
 def _copy_weights(source: Any, twin: Any) -> None:
+    from keras import ops
+
     if [v.path for v in source.weights] != [v.path for v in twin.weights]:
         raise RuntimeError("the low-precision twin's weights do not match the model's (same class, same config)")
     for value, target in zip(source.weights, twin.weights):
