@@ -5,6 +5,7 @@ Layers, losses and samplers stay backend-agnostic by calling these instead.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import keras
@@ -170,17 +171,13 @@ def logits_from_table(hidden: Any, table: Any) -> Any:
     return ops.einsum("...w,vw->...v", low, ops.cast(table, "float32"))
 
 
-_TF_LOGITS: list[Any] = []
-
-
+@functools.lru_cache(maxsize=1)
 def _tf_logits_from_table() -> Any:
-    if not _TF_LOGITS:
-        import tensorflow as tf
+    import tensorflow as tf
 
-        def product(hidden: Any, table: Any) -> Any:
-            flat = tf.reshape(tf.cast(hidden, table.dtype), (-1, hidden.shape[-1]))
-            logits = tf.linalg.matmul(flat, table, transpose_b=True, output_type=tf.float32)
-            return tf.reshape(logits, tf.concat([tf.shape(hidden)[:-1], tf.shape(table)[:1]], 0))
+    def product(hidden: Any, table: Any) -> Any:
+        flat = tf.reshape(tf.cast(hidden, table.dtype), (-1, hidden.shape[-1]))
+        logits = tf.linalg.matmul(flat, table, transpose_b=True, output_type=tf.float32)
+        return tf.reshape(logits, tf.concat([tf.shape(hidden)[:-1], tf.shape(table)[:1]], 0))
 
-        _TF_LOGITS.append(tf.function(product, jit_compile=True, autograph=False))
-    return _TF_LOGITS[0]
+    return tf.function(product, jit_compile=True, autograph=False)

@@ -201,15 +201,12 @@ class DecodeModel:
     """
 
     def __init__(
-        self,
-        decoder: Any,
-        use_cache: bool = True,
-        compile_step: Callable[[Callable], Callable] | None = None,
-        head_tables: tuple | None = None,
+        self, decoder: Any, use_cache: bool = True, compile_step: Callable[[Callable], Callable] | None = None
     ) -> None:
         self.decoder = decoder
         self.use_cache = use_cache
-        self.head_tables = head_tables  # low-precision head (precision.head_tables) or None
+        # A low-precision head (precision.head_tables), set inside each traced program, or None.
+        self.head_tables: tuple | None = None
         # The one-token cached call, as its own program where that is faster (XLA on a CPU).
         self._cached_call = (compile_step or (lambda fn: fn))(self._cached_call_inline)
         self.key_ok: Any = None  # [rows, total] bool: False on left padding (set_prompt_mask)

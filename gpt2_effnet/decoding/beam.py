@@ -100,6 +100,8 @@ def beam_loop(
         score is a non-decreasing map of its logits, so each beam's best 2K come from
         :func:`top_k_by_chunks` and the [rows, V] totals are never written; then the best
         2K of each input's K x 2K, beam-major like the flat K*V index, so ties go alike."""
+        # The log-softmax written out as TensorFlow computes it, so the scores equal the
+        # full ranking's bit for bit (tests/test_decoding.py).
         peak = ops.max(logits, axis=-1, keepdims=True)
         log_total = ops.log(ops.sum(ops.exp(logits - peak), axis=-1, keepdims=True))
         base = ops.reshape(running_scores, (rows, 1))
