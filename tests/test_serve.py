@@ -109,7 +109,8 @@ def test_health_and_captions_by_body_and_by_form(server, run_dir) -> None:
     from gpt2_effnet.tokenizer import GPT2Tokenizer
 
     url, _ = server
-    assert _request(url + "/health")[1]["status"] == "ok"
+    health = _request(url + "/health")[1]
+    assert health["status"] == "ok" and health["precision"] == "float32"
     image = _image(1)
     status, raw = _request(url + "/caption?beams=2", image)
     assert status == 200, raw
@@ -228,3 +229,52 @@ def test_the_page_in_a_real_browser(server, tmp_path) -> None:
         assert (tmp_path / "page.png").stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_serve_precision_reaches_every_decode(run_dir, monkeypatch, capsys) -> None:
+    import aiohttp.web
+
+    from gpt2_effnet import decoding
+    from gpt2_effnet.cli import main
+    from gpt2_effnet.decoding import caption_strings
+    from gpt2_effnet.image_input import read_image
+    from gpt2_effnet.serving import server as server_module
+    from gpt2_effnet.serving.server import Settings
+
+    # The command line's --precision reaches the engine (the server itself is not started).
+    asked: dict = {}
+
+    def fake_engine(run: str, max_batch: int, precision: str = "float32") -> str:
+        asked.update(run=run, precision=precision)
+        return "engine"
+
+    monkeypatch.setattr(server_module, "load_engine", fake_engine)
+    monkeypatch.setattr(server_module, "make_app", lambda engine, **kwargs: f"app of {engine}")
+    monkeypatch.setattr(aiohttp.web, "run_app", lambda app, **kwargs: asked.update(app=app))
+    assert main(["serve", str(run_dir), "--precision", "bfloat16-head"]) == 0
+    assert asked == {"run": str(run_dir), "precision": "bfloat16-head", "app": "app of engine"}
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["serve", str(run_dir), "--precision", "float16"])
+    assert "bfloat16-head" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="bfloat16-head"):
+        server_module.Engine(None, None, 2, precision="float16")
+    monkeypatch.undo()
+
+    # The engine decodes every request at that precision: the library's captions at it.
+    engine = server_module.load_engine(str(run_dir), max_batch=3, precision="bfloat16-head")
+    seen: list = []
+    library = decoding.generate_captions
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("precision"))
+        return library(*args, **kwargs)
+
+    monkeypatch.setattr(decoding, "generate_captions", recording)
+    pixels = np.stack([read_image(_image(seed), SIZE) for seed in (5, 6, 7)])
+    for settings in (Settings(beams=2), Settings(top_k=5, seed=3)):
+        kwargs = settings.generation()
+        if kwargs.get("do_sample"):
+            kwargs["seed"] = settings.seed
+        expected = caption_strings(engine.model, pixels, tokenizer=engine.tokenizer, precision="bfloat16-head", **kwargs)
+        assert [r["caption"] for r in engine.caption(pixels, settings)] == expected
+    assert seen == ["bfloat16-head", "bfloat16-head"]

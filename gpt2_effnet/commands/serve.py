@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..decoding.precision import PRECISIONS
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -24,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long the first request of a batch waits for others (default 10 ms)")
     parser.add_argument("--queue", type=int, default=64, help="requests allowed to wait; more get 503 (default 64)")
     parser.add_argument("--max-bytes", type=int, default=20 * 2**20, help="largest upload in bytes (default 20 MiB)")
+    parser.add_argument("--precision", default="float32", choices=PRECISIONS,
+                        help="opt-in bfloat16 decoding for every request, as `caption --precision` "
+                             "(README, BENCHMARKS.md); /health reports it")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,9 +46,10 @@ def main(args: argparse.Namespace) -> int:
 
     from ..serving.server import load_engine, make_app
 
-    engine = load_engine(str(run), args.max_batch)
+    engine = load_engine(str(run), args.max_batch, args.precision)
     app = make_app(engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue,
                    max_bytes=args.max_bytes)
-    print(f"serving {run} on http://{args.host}:{args.port}/ (max batch {args.max_batch})", file=sys.stderr)
+    print(f"serving {run} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, {args.precision})",
+          file=sys.stderr)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0
