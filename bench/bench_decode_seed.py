@@ -60,6 +60,8 @@ def worker(spec: dict) -> dict:
     rng = np.random.default_rng(0)
     out = {}
     for name, setting in SETTINGS.items():
+        if spec.get("only", name) != name:
+            continue
         images = rng.uniform(0, 255, (setting["images"], 224, 224, 3)).astype(np.float32)
         kwargs = dict(setting["kwargs"], max_new_tokens=spec["tokens"], eos_token_id=None)
         if spec.get("precision"):
