@@ -28,7 +28,8 @@ import os
 import time
 from pathlib import Path
 
-from bench_decode_seed import worker as seed_worker  # this folder is on sys.path when run as a script
+# This folder is on sys.path when run as a script.
+from bench_decode_seed import worker as seed_worker
 from bench_train import cpu_name, run_worker
 
 HERE = Path(__file__).resolve()
@@ -97,10 +98,10 @@ def kernels(reps: int) -> dict:
     for inputs, outputs in BLOCK_MATMULS:
         x = rng.standard_normal((ROWS, inputs), dtype=np.float32)
         w = rng.standard_normal((inputs, outputs), dtype=np.float32)
-        times = [_best_ms(lambda: x @ w, reps * 10)]
+        times = [_best_ms(lambda x=x, w=w: x @ w, reps * 10)]
         if torch is not None:
             tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-            times.append(_best_ms(lambda: tx @ tw, reps * 10))
+            times.append(_best_ms(lambda tx=tx, tw=tw: tx @ tw, reps * 10))
         per_shape[f"{inputs}x{outputs}"] = min(times)
     out["block_matmuls_12_rows"] = LAYERS * sum(per_shape[f"{i}x{o}"] for i, o in BLOCK_MATMULS)
     return out
