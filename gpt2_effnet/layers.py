@@ -174,14 +174,25 @@ class CrossAttention(keras.layers.Layer):
         return ops.transpose(kv, (0, 2, 3, 1, 4))
 
     def call(self, x: Any, image_kv: Any, training: bool | None = None, return_attention: bool = False) -> Any:
-        """``return_attention``: also the per-head weights over the image ``[B, H, T, S]``."""
+        """``return_attention``: also the per-head weights over the image ``[B, H, T, S]``.
+
+        ``x`` may hold G rows per image (``[B * G, T, W]``, image-major, as beams and
+        return sequences are laid out) against ``image_kv`` of the B images: the G rows'
+        queries then attend as G * T query positions of their image, so the image K/V is
+        neither repeated per row nor read G times at each decode step.
+        """
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        query = ops.reshape(self.q_attn(x), (batch, length, self.num_heads, self.width // self.num_heads))
+        depth = self.width // self.num_heads
+        images = ops.shape(image_kv)[0]
+        query = ops.reshape(self.q_attn(x), (images, -1, self.num_heads, depth))
         query = ops.transpose(query, (0, 2, 1, 3))
         key, value = ops.unstack(ops.cast(image_kv, query.dtype), num=2, axis=1)
         out = attend(query, key, value, return_weights=return_attention)
         if return_attention:
             out, weights = out
+            keys = ops.shape(key)[2]  # [B, H, G * T, S] -> the rows' own [B * G, H, T, S]
+            weights = ops.reshape(weights, (images, self.num_heads, -1, length, keys))
+            weights = ops.reshape(ops.transpose(weights, (0, 2, 1, 3, 4)), (batch, self.num_heads, length, keys))
         out = ops.transpose(out, (0, 2, 1, 3))
         out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, self.width))), training=training)
         if self.gated:

@@ -78,6 +78,28 @@ def test_cached_decoding_with_image_equals_full_forward(config, rng) -> None:
     np.testing.assert_allclose(np.asarray(logits), full[:, :5], atol=1e-5)
 
 
+def test_rows_grouped_per_image_equal_the_image_kv_repeated(config, rng) -> None:
+    """Beams and return sequences (G rows per image, image-major) read their image's K/V
+    once: the forward, the cached steps and the attention maps equal those with the K/V
+    repeated per row, and differ from a wrong pairing of rows and images."""
+    model = Captioner(config(cross_attention="ungated", feature_stride=8))  # 16 image tokens, not 1
+    group = 3
+    shape = tuple(model.encode_images(random_images(rng, 2)).shape)  # two images far apart:
+    image_kv = rng.normal(0, 1, shape).astype("float32")  # an untrained backbone's are alike
+    repeated = np.repeat(np.asarray(image_kv), group, axis=0)
+    ids = rng.integers(0, 99, (2 * group, 6))
+    grouped = np.asarray(model.decoder(ids, image_kv=image_kv))
+    np.testing.assert_allclose(grouped, np.asarray(model.decoder(ids, image_kv=repeated)), atol=1e-5)
+    tiled = np.tile(np.asarray(image_kv), (group, 1, 1, 1, 1, 1))  # image-minor: the wrong pairing
+    assert np.abs(grouped - np.asarray(model.decoder(ids, image_kv=tiled))).max() > 1e-3
+    cache = model.decoder.init_cache(2 * group, 8)
+    for t in range(ids.shape[1]):
+        logits, cache = model.decoder.call_with_cache(ids[:, t : t + 1], cache, t, image_kv=image_kv)
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], grouped[:, t], atol=1e-5)
+    maps = np.asarray(model.decoder.cross_attention_weights(ids, image_kv))
+    np.testing.assert_allclose(maps, np.asarray(model.decoder.cross_attention_weights(ids, repeated)), atol=1e-6)
+
+
 def test_logits_cover_special_tokens_and_special_embeddings_are_used(gated: Captioner, rng) -> None:
     bos = 97
     logits = np.asarray(gated.decoder(np.array([[bos, 5]])))

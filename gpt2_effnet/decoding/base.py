@@ -195,7 +195,8 @@ class DecodeModel:
     """The step function + cache interface the samplers drive.
 
     ``decoder`` is a :class:`~gpt2_effnet.gpt2.GPT2Decoder`; ``image_kv`` (given to each
-    call, never stored) is the captioner's per-image cross-attention K/V, computed once.
+    call, never stored) is the captioner's per-image cross-attention K/V, computed once and
+    never repeated for the beams or return sequences (image-major rows share it).
     With ``use_cache=False`` every step recomputes the whole prefix: slow, but an
     independent path for tests and the benchmark's "no cache" baseline.
     """

@@ -53,9 +53,7 @@ def beam_loop(
     alpha = config.length_penalty
     eos = config.eos_token_id
 
-    cache = model.prefill(prompt, total, image_kv, beams)
-    if image_kv is not None:
-        image_kv = ops.repeat(image_kv, beams, axis=0)
+    cache = model.prefill(prompt, total, image_kv, beams)  # image_kv stays one per input: see CrossAttention
     start = ops.concatenate(
         [ops.cast(prompt, "int32"), ops.full((batch, config.max_new_tokens), config.pad, "int32")], axis=1
     )

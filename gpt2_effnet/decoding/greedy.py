@@ -20,7 +20,8 @@ def token_loop(
 ) -> dict[str, Any]:
     """``prompt [B, P]`` -> ``{"sequences" [B*n, P+new], "scores" [B*n], "lengths" [B*n]}``.
 
-    ``image_kv`` (if any) has B rows; both are repeated ``num_return_sequences`` times.
+    ``image_kv`` (if any) has B rows; the prompt is repeated ``num_return_sequences`` times,
+    image-major, and the image K/V is not (CrossAttention groups each image's rows).
     """
     batch, prompt_length = prompt.shape
     repeats = config.num_return_sequences
@@ -30,8 +31,7 @@ def token_loop(
 
     cache = model.prefill(prompt, total, image_kv, repeats)
     if repeats > 1:
-        prompt = ops.repeat(prompt, repeats, axis=0)
-        image_kv = None if image_kv is None else ops.repeat(image_kv, repeats, axis=0)
+        prompt = ops.repeat(prompt, repeats, axis=0)  # image_kv stays one per input: see CrossAttention
     tokens = ops.concatenate([ops.cast(prompt, "int32"), ops.full((rows, config.max_new_tokens), pad, "int32")], 1)
 
     columns = ops.expand_dims(ops.arange(total, dtype="int32"), 0)
