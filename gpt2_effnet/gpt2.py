@@ -62,7 +62,7 @@ def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
 
 
 def map_cache(fn: Callable[[Any], Any], cache: Any) -> Any:
-    """Apply a row operation (``ops.repeat``, ``ops.take`` on axis 0) to every buffer of a cache."""
+    """Apply a row operation (e.g. ``ops.repeat`` on axis 0) to every buffer of a cache."""
     return tuple(tuple(fn(buffer) for buffer in pair) for pair in cache)
 
 
@@ -266,7 +266,8 @@ class GPT2Decoder(keras.Model):
     def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> tuple:
         """Zeroed key/value cache: per layer a ``(keys, values)`` pair of ``[B, n_head, max_length,
         head_dim]`` buffers (heads first, one buffer each: see layers.py). Treat it as opaque;
-        :func:`map_cache` applies a row operation (repeat, gather) to all of it."""
+        :func:`map_cache` applies a row operation (the repeat for beams) to all of it; beam
+        search's parent rows are gathered by the step itself (SelfAttention's ``cache_rows``)."""
         cfg = self.gpt2_config
         if max_length > cfg.n_positions:
             raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")

@@ -115,12 +115,14 @@ class SelfAttention(keras.layers.Layer):
                     raise ValueError(f"cache_rows needs one new token per row, got {length}")
                 slot = ops.arange(key_cache.shape[2], dtype="int32") == ops.cast(cache_index, "int32")
                 slot = ops.reshape(slot, (1, 1, -1, 1))
-                key_cache = ops.where(slot, ops.cast(key, key_cache.dtype), ops.take(key_cache, cache_rows, axis=0))
-                value_cache = ops.where(slot, ops.cast(value, value_cache.dtype), ops.take(value_cache, cache_rows, axis=0))
+
+                def write(buffer: Any, new: Any) -> Any:
+                    return ops.where(slot, new, ops.take(buffer, cache_rows, axis=0))
             else:
-                start = [0, 0, cache_index, 0]
-                key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-                value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+                def write(buffer: Any, new: Any) -> Any:
+                    return ops.slice_update(buffer, [0, 0, cache_index, 0], new)
+            key_cache = write(key_cache, ops.cast(key, key_cache.dtype))
+            value_cache = write(value_cache, ops.cast(value, value_cache.dtype))
             cache = (key_cache, value_cache)
             key, value = ops.cast(key_cache, query.dtype), ops.cast(value_cache, query.dtype)
         mask = attention_mask(length, ops.shape(key)[2], offset, self.causal)

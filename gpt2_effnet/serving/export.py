@@ -26,6 +26,7 @@ import tensorflow as tf
 from ..captioner import Captioner
 from ..data.images import decode_and_resize
 from ..decoding.api import decode_function, make_config
+from ..decoding.precision import HEAD_ONLY
 from ..tokenizer import GPT2Tokenizer
 
 
@@ -90,7 +91,7 @@ class CaptionModule:
         self.config = make_config(model, **generation)
         if self.config.num_return_sequences != 1:
             raise ValueError("the export returns one caption per image (num_return_sequences 1)")
-        if self.config.precision == "bfloat16-head":
+        if self.config.precision == HEAD_ONLY:
             # Its head is an XLA program, which TF Serving's CPU build refuses to run.
             raise ValueError("the export cannot decode with precision='bfloat16-head' (an XLA program)")
         self._run = decode_function(model, self.config)
