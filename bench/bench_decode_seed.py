@@ -66,6 +66,8 @@ def worker(spec: dict) -> dict:
         kwargs = dict(setting["kwargs"], max_new_tokens=spec["tokens"], eos_token_id=None)
         if spec.get("precision"):
             kwargs["precision"] = spec["precision"]
+        if spec.get("backbone_precision"):
+            kwargs["backbone_precision"] = spec["backbone_precision"]
         start = time.perf_counter()
         ids = np.asarray(model.generate(images, **kwargs))
         first = time.perf_counter() - start
@@ -118,6 +120,10 @@ def main() -> None:
                         help="Keras dtype policy for this checkout's model (e.g. mixed_bfloat16); default: as built")
     parser.add_argument("--precision", default=None,
                         help="decode this checkout with generate(precision=...), e.g. bfloat16-head (opt-in)")
+    parser.add_argument("--backbone-precision", default=None,
+                        help="this checkout's generate(backbone_precision=...): bfloat16 runs the image backbone in it (opt-in)")
+    parser.add_argument("--against-precision", default=None,
+                        help="the same for --against (it must know the value): low precision on both sides")
     parser.add_argument("--changes", action="store_true",
                         help="also time the first call after each changed setting (see the module docstring)")
     parser.add_argument("--json", type=Path, default=None)
@@ -127,7 +133,10 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
     spec = {"tokens": args.tokens, "reps": args.reps, "changes": args.changes}
-    sides = [("this", None, {**spec, "policy": args.policy, "precision": args.precision})] + ([("against", args.against, spec)] if args.against else [])
+    sides = [("this", None, {**spec, "policy": args.policy, "precision": args.precision,
+                             "backbone_precision": args.backbone_precision})]
+    if args.against:
+        sides.append(("against", args.against, {**spec, "precision": args.against_precision}))
     print(f"CPU: {cpu_name()}")
     best: dict[str, dict] = {}
     changes: dict[str, dict[str, list[float]]] = {}

@@ -90,9 +90,10 @@ class Captioner(keras.Model):
             layer.trainable = train.gpt2_blocks
 
     # -- forward -------------------------------------------------------------------------
-    def encode_images(self, images: Any, training: bool | None = None) -> Any:
-        """Images -> every block's cross-attention K/V, computed once and reused while decoding."""
-        return self.decoder.project_image(self.encoder(images, training=training))
+    def encode_images(self, images: Any, training: bool | None = None, backbone_precision: str = "float32") -> Any:
+        """Images -> every block's cross-attention K/V, computed once and reused while decoding.
+        ``backbone_precision``: see :meth:`ImageEncoder.call <gpt2_effnet.encoder.ImageEncoder.call>`."""
+        return self.decoder.project_image(self.encoder(images, training=training, backbone_precision=backbone_precision))
 
     def call(self, inputs: dict[str, Any], training: bool | None = None) -> Any:
         return self.decoder.head(self.hidden_states(inputs, training=training))

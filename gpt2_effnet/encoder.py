@@ -15,8 +15,9 @@ import keras
 from keras import ops
 
 from .batch_norm import use_fused_batch_norms
+from .decoding.precision import BACKBONE_PRECISIONS
+from .folding import fold_batch_norms, low_precision_twin
 from .input_norm import use_affine_normalization
-from .folding import fold_batch_norms
 from .layers import TransformerBlock
 
 # Name -> constructor. Lower-case, hyphenated like the papers ("efficientnetv2-s").
@@ -108,6 +109,7 @@ class ImageEncoder(keras.Model):
         # Not an attribute Keras tracks: it shares the backbone's variables, which must be
         # saved once, under the backbone.
         self._inference_backbone = _Untracked(fold_batch_norms(self.backbone))
+        self._low_precision_backbone: _Untracked | None = None  # built on first use
         _, height, width_, channels = self.backbone.output_shape
         self.grid = (height, width_)
         self.sequence_length = height * width_
@@ -136,9 +138,18 @@ class ImageEncoder(keras.Model):
         self.ln_f.build((None, None, width))
         self.built = True
 
-    def call(self, images: Any, training: bool | None = None) -> Any:
+    def call(self, images: Any, training: bool | None = None, backbone_precision: str = "float32") -> Any:
+        """``backbone_precision="bfloat16"`` (inference only, opt-in): the backbone's
+        convolutions in bfloat16 (:func:`~gpt2_effnet.folding.low_precision_twin`); the
+        features are cast back to float32 before the projection and blocks."""
+        if backbone_precision not in BACKBONE_PRECISIONS:
+            raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {backbone_precision!r}")
         if training and self.backbone.trainable:
             features = self.backbone(images, training=True)
+        elif backbone_precision == "bfloat16":
+            if self._low_precision_backbone is None:
+                self._low_precision_backbone = _Untracked(low_precision_twin(self._inference_backbone.model))
+            features = ops.cast(self._low_precision_backbone.model(images, training=False), self.compute_dtype)
         else:
             # A frozen backbone is a fixed feature extractor: moving statistics and no
             # stochastic depth, even while the rest trains. Its norms run folded.

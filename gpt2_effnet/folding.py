@@ -157,3 +157,27 @@ def fold_batch_norms(model: keras.Model) -> keras.Model:
         return layer
 
     return keras.models.clone_model(model, clone_function=replace)
+
+
+def low_precision_twin(model: keras.Model, policy: str = "mixed_bfloat16") -> keras.Model:
+    """A functional twin of ``model`` (an inference twin from :func:`fold_batch_norms`) that
+    computes under ``policy``, sharing ``model``'s variables.
+
+    Each layer is a shallow copy of the original with the policy swapped, so it reads the
+    same variables (autocast to bfloat16 as it runs, never copied or refreshed) and the
+    original, and any model it belongs to, keeps its float32 policy. Why: on CPUs with
+    AVX-512 BF16 the seed's EfficientNetV2-B0 backbone runs ~1.25x faster in bfloat16
+    (AMD EPYC, 2 cores: 37.6 vs 47.4 ms for 4 images at 224 px).
+    """
+    target = keras.dtype_policies.get(policy)
+
+    def copy(layer: keras.layers.Layer) -> keras.layers.Layer:
+        twin = object.__new__(type(layer))  # copy.copy would go through Keras' serialization
+        twin.__dict__.update(layer.__dict__)
+        # Plain attribute writes: Keras' tracking would file them with the original's.
+        object.__setattr__(twin, "_dtype_policy", target)
+        object.__setattr__(twin, "_inbound_nodes", [])
+        object.__setattr__(twin, "_outbound_nodes", [])
+        return twin
+
+    return keras.models.clone_model(model, clone_function=copy)

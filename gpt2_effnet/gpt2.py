@@ -155,7 +155,7 @@ class GPT2Decoder(keras.Model):
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
-    def head(self, hidden: Any, compact: bool = False, tables: tuple | None = None) -> Any:
+    def head(self, hidden: Any, compact: bool = False, tables: tuple | None = None, specials: bool = True) -> Any:
         """Final LayerNorm and the tied LM head: hidden ``[B, T, W]`` -> float32 logits ``[B, T, V]``.
 
         Public so a training step can apply it to the positions that have targets only
@@ -167,16 +167,19 @@ class GPT2Decoder(keras.Model):
         column standing for every excluded id) for a loss that needs no more.
         ``tables``: low-precision copies of the (kept rows of the) token table and of the
         special tokens' table to multiply instead (see decoding/precision.py), with
-        float32 sums.
+        float32 sums. ``specials=False`` leaves out the special tokens' columns (logits
+        ``[B, T, vocab_size]``): decoding never emits them, and computing, joining and then
+        masking that one column cost ~5 % of a beam step at the seed's configuration.
         """
         hidden = self.ln_f(hidden)
-        if tables is not None:
+        low_precision = tables is not None
+        tables = (tables if low_precision else self.head_tables())[: None if specials else 1]
+        if low_precision:
             parts = [logits_from_table(hidden, table) for table in tables if table is not None]
         else:
-            parts = [ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype))
-                     for table in self.head_tables() if table is not None]
+            parts = [ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype)) for table in tables if table is not None]
         logits = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
-        return self._spread(ops.cast(logits, "float32"), compact)
+        return self._spread(ops.cast(logits, "float32"), compact, specials)
 
     def head_tables(self) -> tuple[Any, Any | None]:
         """What :meth:`head` multiplies: the token table (its kept rows with an
@@ -186,14 +189,14 @@ class GPT2Decoder(keras.Model):
             table = ops.take(table, ops.convert_to_tensor(self.output_vocabulary, "int32"), axis=0)
         return table, None if self.wte_special is None else self.wte_special.embeddings
 
-    def _spread(self, logits: Any, compact: bool) -> Any:
+    def _spread(self, logits: Any, compact: bool, specials: bool = True) -> Any:
         if self.output_vocabulary is None:
             return logits
         excluded = ops.full_like(logits[..., :1], EXCLUDED_LOGIT)
         logits = ops.concatenate([logits, excluded], axis=-1)
         if compact:
             return logits
-        return ops.take(logits, ops.convert_to_tensor(self._compact_index(), "int32"), axis=-1)
+        return ops.take(logits, ops.convert_to_tensor(self._compact_index(specials), "int32"), axis=-1)
 
     def compact_targets(self, token_ids: Any) -> Any:
         """Token ids -> column of ``head(..., compact=True)`` (excluded ids -> the last column)."""
@@ -201,13 +204,15 @@ class GPT2Decoder(keras.Model):
             return token_ids
         return ops.take(ops.convert_to_tensor(self._compact_index(), "int32"), ops.cast(token_ids, "int32"), axis=0)
 
-    def _compact_index(self) -> np.ndarray:
-        """For each of the V ids, its column among the kept ids and specials, or K + S if excluded."""
+    def _compact_index(self, specials: bool = True) -> np.ndarray:
+        """For each of the V ids, its column among the kept ids and specials, or K + S if
+        excluded (``specials=False``: the plain vocabulary's ids, among the kept ids, or K)."""
         kept = len(self.output_vocabulary)
-        index = np.full(self.total_vocab_size, kept + self.num_special_tokens, np.int32)
-        index[list(self.output_vocabulary)] = np.arange(kept, dtype=np.int32)
         vocab = self.gpt2_config.vocab_size
-        index[vocab:] = kept + np.arange(self.num_special_tokens, dtype=np.int32)
+        extra = self.num_special_tokens if specials else 0
+        index = np.full(vocab + extra, kept + extra, np.int32)
+        index[list(self.output_vocabulary)] = np.arange(kept, dtype=np.int32)
+        index[vocab:] = kept + np.arange(extra, dtype=np.int32)
         return index
 
     def call(
@@ -285,9 +290,11 @@ class GPT2Decoder(keras.Model):
         position_ids: Any | None = None,
         head_tables: tuple | None = None,
         cache_rows: Any | None = None,
+        specials: bool = True,
     ) -> tuple[Any, Any]:
         """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
         ``cache_rows [B]``: row ``i`` continues cache row ``cache_rows[i]`` (beam search, T = 1).
+        ``head_tables``, ``specials``: as in :meth:`head`.
 
         Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
         so one compiled step serves the whole decode loop.
@@ -302,7 +309,7 @@ class GPT2Decoder(keras.Model):
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask,
                                    cache_rows=cache_rows)
             layer_caches.append(layer_cache)
-        return self.head(x, tables=head_tables), tuple(layer_caches)
+        return self.head(x, tables=head_tables, specials=specials), tuple(layer_caches)
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""

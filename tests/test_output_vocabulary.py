@@ -85,3 +85,40 @@ def test_bad_lists_are_refused_naming_the_key(config, bad, message) -> None:
     with pytest.raises(ConfigError, match="output_vocabulary") as err:
         config(bad)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"num_beams": 3},
+    {"num_beams": 3, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2, "compile": False},
+    {"num_beams": 3, "num_return_sequences": 2, "precision": "bfloat16-head", "compile": False},
+    {"repetition_penalty": 1.3, "no_repeat_ngram_size": 2, "compile": False},
+    {"do_sample": True, "top_k": 5, "top_p": 0.9, "num_return_sequences": 2, "seed": 4, "compile": False},
+])
+@pytest.mark.parametrize("which", ["full", "restricted"])
+def test_decoding_leaves_out_the_special_columns_and_changes_nothing(pair, rng, monkeypatch, which, kwargs) -> None:
+    """Decoding suppresses every special token, so it computes no logits for them; the
+    tokens and scores must equal those of the logits with the (masked) special columns,
+    processors included (they see the BOS id, past the narrower logits, in the buffers)."""
+    from gpt2_effnet.decoding import api
+
+    model = pair[0] if which == "full" else pair[1]
+    images = rng.uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    widths: dict[bool, set[int]] = {False: set(), True: set()}
+    results = []
+    for force_specials in (False, True):
+        class Recording(api.DecodeModel):
+            forced = force_specials
+
+            def __init__(self, *args, **options) -> None:
+                super().__init__(*args, **({**options, "specials": True} if self.forced else options))
+                widths[self.forced].add(self.vocab_size)
+
+        monkeypatch.setattr(api, "DecodeModel", Recording)
+        model.__dict__.pop(api._CACHE_ATTR, None)  # programs built with the other class
+        results.append(model.generate(images, max_new_tokens=6, eos_token_id=96, return_scores=True, **kwargs))
+    model.__dict__.pop(api._CACHE_ATTR, None)
+    assert widths == {False: {97}, True: {99}}  # the plain vocabulary; with the two special tokens
+    without, with_ = results
+    np.testing.assert_array_equal(without.sequences, with_.sequences)
+    np.testing.assert_array_equal(without.scores, with_.scores)
+    assert (without.sequences[:, 1:] < 97).all()

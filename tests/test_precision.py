@@ -132,3 +132,43 @@ def test_a_captioner_decodes_in_bfloat16(tiny_config, precision) -> None:
 def test_unknown_precision_is_refused(decoder) -> None:
     with pytest.raises(ValueError, match="precision"):
         generate(decoder, [[1, 2]], max_new_tokens=2, precision="float16")
+
+
+def test_a_bfloat16_backbone_reads_the_models_weights_and_stays_close(tiny_config) -> None:
+    """The bfloat16 backbone is a twin sharing the float32 variables: its features follow
+    any change to them, stay within a bound of float32's, and building it changes nothing
+    on the float32 side (layers, policies, outputs)."""
+    import keras
+
+    from gpt2_effnet.captioner import Captioner
+
+    keras.utils.set_random_seed(0)
+    model = Captioner(tiny_config(model={"image_size": 64}))
+    images = np.random.default_rng(2).uniform(0, 255, (3, 64, 64, 3)).astype("float32")
+
+    def features(precision: str) -> np.ndarray:
+        return np.asarray(model.encode_images(images, training=False, backbone_precision=precision))
+
+    before = features("float32")
+    low = features("bfloat16")
+    assert np.array_equal(features("float32"), before)
+    assert {layer.dtype_policy.name for layer in model.encoder.backbone.layers} == {"float32"}
+    error = np.abs(low - before).mean() / np.abs(before).mean()
+    assert 0 < error < 0.05, error  # bfloat16 keeps ~3 significant digits; 0 would mean it never ran
+
+    kernel = next(v for v in model.encoder.backbone.weights if v.path.endswith("stem_conv/kernel"))
+    kernel.assign(kernel.numpy() * -1.5)
+    changed, changed_low = features("float32"), features("bfloat16")
+    assert np.abs(changed - before).mean() > 10 * np.abs(low - before).mean()  # the change matters...
+    assert np.abs(changed_low - changed).mean() / np.abs(changed).mean() < 0.05  # ...and the twin saw it
+
+    captions = generate_captions(model, images, num_beams=2, eos_token_id=None, max_new_tokens=4,
+                                 backbone_precision="bfloat16", precision="bfloat16-head")
+    assert captions.shape == (3, 4)
+    with pytest.raises(ValueError, match="backbone_precision"):
+        generate_captions(model, images, backbone_precision="float16")
+
+
+def test_a_plain_gpt2_refuses_a_backbone_precision(decoder) -> None:
+    with pytest.raises(ValueError, match="plain GPT-2 has none"):
+        generate(decoder, [[1, 2]], max_new_tokens=2, backbone_precision="bfloat16")

@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from ..gpt2 import map_cache
-from .precision import check_precision
+from .precision import BACKBONE_PRECISIONS, check_precision
 
 NEG_INF = float("-inf")
 # Hugging Face's beam search uses this finite "impossible" score; keeping the same value
@@ -53,6 +53,8 @@ class GenerationConfig:
     # "bfloat16": decode with the decoder's bfloat16 twin; "bfloat16-head": with a bfloat16
     # copy of the output head's table only (both opt-in; see precision.py).
     precision: str = "float32"
+    # "bfloat16": a captioner's image backbone in bfloat16 (opt-in; encoder.ImageEncoder.call).
+    backbone_precision: str = "float32"
 
     def __post_init__(self) -> None:
         def positive_int(name: str, minimum: int) -> None:
@@ -81,6 +83,8 @@ class GenerationConfig:
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check_precision(self.precision)
+        if self.backbone_precision not in BACKBONE_PRECISIONS:
+            raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {self.backbone_precision!r}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
@@ -202,10 +206,18 @@ class DecodeModel:
     """
 
     def __init__(
-        self, decoder: Any, use_cache: bool = True, compile_step: Callable[[Callable], Callable] | None = None
+        self,
+        decoder: Any,
+        use_cache: bool = True,
+        compile_step: Callable[[Callable], Callable] | None = None,
+        specials: bool = True,
     ) -> None:
         self.decoder = decoder
         self.use_cache = use_cache
+        # False: the logits stop at the plain vocabulary (GPT2Decoder.head), for settings
+        # that suppress every special token anyway. Token ids in the buffers may still be
+        # specials (the captioner's BOS): the processors ignore ids beyond the logits.
+        self.specials = specials
         # A low-precision head (precision.head_tables), set inside each traced program, or None.
         self.head_tables: tuple | None = None
         # The one-token cached call, as its own program where that is faster (XLA on a CPU).
@@ -241,8 +253,8 @@ class DecodeModel:
 
     @property
     def vocab_size(self) -> int:
-        """Width of the logits (vocabulary plus special tokens)."""
-        return int(self.decoder.total_vocab_size)
+        """Width of the logits: the vocabulary, plus the special tokens unless left out."""
+        return int(self.decoder.total_vocab_size if self.specials else self.decoder.gpt2_config.vocab_size)
 
     def prefill(self, prompt: Any, max_length: int, image_kv: Any | None, repeats: int) -> Any:
         """Cache holding all prompt tokens but the last (which the first step feeds).
@@ -297,7 +309,7 @@ class DecodeModel:
             # (a keyword tensor) to the layer's float32 compute dtype on the way in.
             hidden = self.decoder.hidden_states(prefix, image_kv=image_kv, padding_mask=key_ok,
                                                 position_ids=self._positions(0, length), training=False)
-            logits = self.decoder.head(hidden, tables=self.head_tables)
+            logits = self.decoder.head(hidden, tables=self.head_tables, specials=self.specials)
             logits = logits[:, -1]
             return (logits if select is None else select(logits, *select_args)), cache
         last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
@@ -319,7 +331,7 @@ class DecodeModel:
     ) -> tuple[Any, Any]:
         logits, cache = self.decoder.call_with_cache(
             last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
-            head_tables=self.head_tables, cache_rows=parents,
+            head_tables=self.head_tables, cache_rows=parents, specials=self.specials,
         )
         logits = logits[:, 0]
         return (logits if select is None else select(logits, *select_args)), cache
