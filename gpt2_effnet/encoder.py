@@ -15,7 +15,7 @@ import keras
 from keras import ops
 
 from .batch_norm import use_fused_batch_norms
-from .decoding.precision import BACKBONE_PRECISIONS
+from .decoding.precision import check_backbone_precision
 from .folding import fold_batch_norms, low_precision_twin
 from .input_norm import use_affine_normalization
 from .layers import TransformerBlock
@@ -142,8 +142,7 @@ class ImageEncoder(keras.Model):
         """``backbone_precision="bfloat16"`` (inference only, opt-in): the backbone's
         convolutions in bfloat16 (:func:`~gpt2_effnet.folding.low_precision_twin`); the
         features are cast back to float32 before the projection and blocks."""
-        if backbone_precision not in BACKBONE_PRECISIONS:
-            raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {backbone_precision!r}")
+        check_backbone_precision(backbone_precision)
         if training and self.backbone.trainable:
             features = self.backbone(images, training=True)
         elif backbone_precision == "bfloat16":

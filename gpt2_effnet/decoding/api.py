@@ -95,7 +95,7 @@ def decode_function(
         settings = config if values is None else RuntimeSettings(config, values)
         repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
-        decode_model.head_tables = head_tables(decoder, config.precision, decode_model.specials)
+        decode_model.head_tables = head_tables(decoder, config.precision)
         image_kv = None
         if images is not None:
             image_kv = captioner.encode_images(images, training=False, backbone_precision=config.backbone_precision)

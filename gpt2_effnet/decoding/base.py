@@ -18,7 +18,7 @@ import numpy as np
 from keras import ops
 
 from ..gpt2 import map_cache
-from .precision import BACKBONE_PRECISIONS, check_precision
+from .precision import check_backbone_precision, check_precision
 
 NEG_INF = float("-inf")
 # Hugging Face's beam search uses this finite "impossible" score; keeping the same value
@@ -83,8 +83,7 @@ class GenerationConfig:
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check_precision(self.precision)
-        if self.backbone_precision not in BACKBONE_PRECISIONS:
-            raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {self.backbone_precision!r}")
+        check_backbone_precision(self.backbone_precision)
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:

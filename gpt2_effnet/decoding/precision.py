@@ -46,6 +46,12 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def check_backbone_precision(precision: str) -> str:
+    if precision not in BACKBONE_PRECISIONS:
+        raise ValueError(f"backbone_precision must be one of {BACKBONE_PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def decoder_in(decoder: Any, precision: str) -> Any:
     """``decoder`` itself for float32 (and a bfloat16 head only), else its twin in
     ``precision`` (built and filled on first use)."""
@@ -60,9 +66,8 @@ def decoder_in(decoder: Any, precision: str) -> Any:
     return twins[precision]
 
 
-def head_tables(decoder: Any, precision: str, specials: bool = True) -> tuple | None:
-    """For ``"bfloat16-head"``: ``decoder.head_tables()`` cast to bfloat16 (without the
-    special tokens' table if ``specials`` is False), else None.
+def head_tables(decoder: Any, precision: str) -> tuple | None:
+    """For ``"bfloat16-head"``: ``decoder.head_tables()`` cast to bfloat16, else None.
 
     Called inside the decode program, so the cast (2.7 ms for 50258 x 256, once per call)
     always reads the model's current weights and no copy outlives the call."""
@@ -70,8 +75,7 @@ def head_tables(decoder: Any, precision: str, specials: bool = True) -> tuple | 
         return None
     from keras import ops
 
-    tables = decoder.head_tables()[: None if specials else 1]
-    return tuple(None if table is None else ops.cast(table, "bfloat16") for table in tables)
+    return tuple(None if table is None else ops.cast(table, "bfloat16") for table in decoder.head_tables())
 
 
 def refresh(decoder: Any, precision: str) -> None:
