@@ -12,7 +12,8 @@ returned sequence per input, beams not counted) for
 * ``hf``       - ``transformers`` ``GPT2LMHeadModel.generate()`` (PyTorch, its own KV cache)
                  on the same weights;
 * ``cached-graph`` (with ``--graph-step``) - the same loop with its step in plain graph mode
-                 (``jit_compile=False``; on a CPU the default compiles the step alone with XLA);
+                 (``jit_compile=False``; on a CPU the default runs the loop as one XLA program
+                 up to 16 rows, and only the token choice under XLA above);
 * ``cached-xla`` (with ``--xla``) - the whole cached loop compiled by XLA (``jit_compile=True``);
 * ``cached-bf16`` / ``hf-bf16`` (with ``--bf16``) - ours with ``precision="bfloat16"`` (opt-in)
                  and transformers on a bfloat16 copy of its model, the like-for-like pair;
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time precision='bfloat16' (ours, opt-in) and transformers with bfloat16 weights")
     parser.add_argument("--graph-step", action="store_true",
                         help="also time the cached loop with its step in plain graph mode (jit_compile=False; "
-                             "the default on a CPU compiles the step alone with XLA)")
+                             "the default on a CPU runs the loop as one XLA program up to 16 rows)")
     parser.add_argument("--json", default=None, help="also write all figures here")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for both TensorFlow and PyTorch (0: their defaults). On a shared "

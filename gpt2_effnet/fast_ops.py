@@ -177,7 +177,15 @@ def _tf_logits_from_table() -> Any:
 
     def product(hidden: Any, table: Any) -> Any:
         flat = tf.reshape(tf.cast(hidden, table.dtype), (-1, hidden.shape[-1]))
+        one_row = flat.shape[0] == 1
+        if one_row:
+            # XLA runs a one-row bfloat16 product as a float32 one; inside an XLA loop it
+            # then converts the whole table once, before the loop, and every step reads
+            # float32 (1.75 ms a step for 50257 x 256, vs 1.09 ms as a two-row product).
+            flat = tf.concat([flat, tf.zeros_like(flat)], 0)
         logits = tf.linalg.matmul(flat, table, transpose_b=True, output_type=tf.float32)
+        if one_row:
+            logits = logits[:1]
         return tf.reshape(logits, tf.concat([tf.shape(hidden)[:-1], tf.shape(table)[:1]], 0))
 
     return tf.function(product, jit_compile=True, autograph=False)

@@ -104,6 +104,31 @@ def test_caption_with_a_bfloat16_head_is_the_librarys(saved, image_dir, tmp_path
     assert "bfloat16-head" in capsys.readouterr().err
 
 
+def test_caption_with_a_bfloat16_backbone_is_the_librarys(saved, image_dir, tmp_path, capsys) -> None:
+    run_dir, model = saved
+    out = tmp_path / "captions.jsonl"
+    code = main(["caption", "--checkpoint", str(run_dir), str(image_dir / "a.png"), str(image_dir / "c.jpg"),
+                 "--beams", "2", "--backbone-precision", "bfloat16", "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pixels = np.stack([read_image(image_dir / "a.png", SIZE), read_image(image_dir / "c.jpg", SIZE)])
+    expected = caption_strings(model, pixels, tokenizer=GPT2Tokenizer.default(), num_beams=2,
+                               backbone_precision="bfloat16")
+    assert [r["caption"] for r in rows] == expected
+    import argparse
+
+    from gpt2_effnet.commands import caption as caption_command
+
+    parser = argparse.ArgumentParser()
+    caption_command.add_arguments(parser)
+    parsed = parser.parse_args(["--checkpoint", "run", "x.png", "--backbone-precision", "bfloat16"])
+    assert caption_command._generation_kwargs(parsed)["backbone_precision"] == "bfloat16"
+    assert "backbone_precision" not in caption_command._generation_kwargs(parser.parse_args(["--checkpoint", "run", "x.png"]))
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--backbone-precision", "bfloat16-head"])
+    assert "'float32', 'bfloat16'" in capsys.readouterr().err
+
+
 def test_caption_bad_arguments_are_named(run_dir, image_dir, tmp_path, capsys) -> None:
     assert main(["caption", "--checkpoint", str(run_dir), str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err

@@ -165,28 +165,49 @@ def test_compiled_loop_equals_eager_loop(rng) -> None:
         np.testing.assert_allclose(compiled.scores, eager.scores, atol=1e-4)
 
 
-def test_on_a_cpu_the_step_is_its_own_xla_program_and_decodes_the_same(rng) -> None:
-    """jit_compile="auto" on a CPU: the loop in graph mode calling an XLA-compiled step
-    (up to XLA_STEP_MAX_ROWS rows). It must decode what the plain-graph loop
-    (jit_compile=False) and the eager loop do."""
+def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rng) -> None:
+    """jit_compile="auto" on a CPU: up to XLA_STEP_MAX_ROWS rows, everything after the image
+    encoder is one XLA program called from the plain graph; more rows keep a graph loop
+    whose token choice alone is an XLA program. Both must decode what the plain-graph
+    loop (jit_compile=False) and the eager loop do."""
     import keras
 
-    from gpt2_effnet.decoding.backend import XLA_STEP_MAX_ROWS, step_compiler
+    from gpt2_effnet.decoding.backend import (
+        XLA_STEP_MAX_ROWS,
+        loop_compiler,
+        step_compiler,
+    )
 
     def plus_one(x, select=None, select_args=()):
         return (x + 1 if select is None else select(x + 1, *select_args)), None
+
+    def twice(x):
+        return x * 2
 
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         if not tf.config.list_logical_devices("GPU"):
+            loop = loop_compiler("auto")(twice)
+            assert loop.xla._jit_compile is True
+            for rows, traces in ((1, 1), (XLA_STEP_MAX_ROWS, 2), (XLA_STEP_MAX_ROWS + 1, 2)):
+                np.testing.assert_array_equal(np.asarray(loop(rows, tf.ones((rows, 2)))), 2.0)
+                assert loop.xla.experimental_get_tracing_count() == traces  # larger loops stay in the graph
             step = step_compiler("auto")(plus_one)
-            assert step.xla._jit_compile is True
-            for rows, runs in ((1, 1), (XLA_STEP_MAX_ROWS, 2), (XLA_STEP_MAX_ROWS + 1, 2)):
-                step(tf.zeros((rows, 2)))
-                assert step.xla.experimental_get_tracing_count() == runs  # larger steps stay inline
+            choices = []
+
+            def choose(logits):
+                choices.append(tf.executing_eagerly())
+                return logits
+
+            for rows in (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1):
+                step(tf.zeros((rows, 2)), select=choose)
+            # Inlined at 16 rows (called eagerly here); traced into its own program at 17.
+            assert choices == [True, False]
     for setting in (False, True):
-        assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole loop
+        assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
+        plain = loop_compiler(setting)(twice)
+        assert not hasattr(plain, "xla") and float(np.asarray(plain(1, np.float32(3.0)))) == 6.0
     decoder = tiny_decoder(14, seed=5, n_positions=24)
     prompt = rng.integers(0, 14, (3, 2))
     # 3 rows: model and choice in one XLA program; 24 and 18 rows: the model step in the

@@ -110,7 +110,7 @@ def test_health_and_captions_by_body_and_by_form(server, run_dir) -> None:
 
     url, _ = server
     health = _request(url + "/health")[1]
-    assert health["status"] == "ok" and health["precision"] == "float32"
+    assert health["status"] == "ok" and health["precision"] == "float32" and health["backbone_precision"] == "float32"
     image = _image(1)
     status, raw = _request(url + "/caption?beams=2", image)
     assert status == 200, raw
@@ -244,29 +244,33 @@ def test_serve_precision_reaches_every_decode(run_dir, monkeypatch, capsys) -> N
     # The command line's --precision reaches the engine (the server itself is not started).
     asked: dict = {}
 
-    def fake_engine(run: str, max_batch: int, precision: str = "float32") -> str:
-        asked.update(run=run, precision=precision)
+    def fake_engine(run: str, max_batch: int, precision: str = "float32", backbone_precision: str = "float32") -> str:
+        asked.update(run=run, precision=precision, backbone=backbone_precision)
         return "engine"
 
     monkeypatch.setattr(server_module, "load_engine", fake_engine)
     monkeypatch.setattr(server_module, "make_app", lambda engine, **kwargs: f"app of {engine}")
     monkeypatch.setattr(aiohttp.web, "run_app", lambda app, **kwargs: asked.update(app=app))
     assert main(["serve", str(run_dir), "--precision", "bfloat16-head"]) == 0
-    assert asked == {"run": str(run_dir), "precision": "bfloat16-head", "app": "app of engine"}
+    assert asked == {"run": str(run_dir), "precision": "bfloat16-head", "backbone": "float32", "app": "app of engine"}
+    assert main(["serve", str(run_dir), "--backbone-precision", "bfloat16"]) == 0
+    assert asked == {"run": str(run_dir), "precision": "float32", "backbone": "bfloat16", "app": "app of engine"}
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["serve", str(run_dir), "--precision", "float16"])
     assert "bfloat16-head" in capsys.readouterr().err
     with pytest.raises(ValueError, match="bfloat16-head"):
         server_module.Engine(None, None, 2, precision="float16")
+    with pytest.raises(ValueError, match="backbone_precision"):
+        server_module.Engine(None, None, 2, backbone_precision="bfloat16-head")
     monkeypatch.undo()
 
     # The engine decodes every request at that precision: the library's captions at it.
-    engine = server_module.load_engine(str(run_dir), max_batch=3, precision="bfloat16-head")
+    engine = server_module.load_engine(str(run_dir), max_batch=3, precision="bfloat16-head", backbone_precision="bfloat16")
     seen: list = []
     library = decoding.generate_captions
 
     def recording(*args, **kwargs):
-        seen.append(kwargs.get("precision"))
+        seen.append((kwargs.get("precision"), kwargs.get("backbone_precision")))
         return library(*args, **kwargs)
 
     monkeypatch.setattr(decoding, "generate_captions", recording)
@@ -275,6 +279,7 @@ def test_serve_precision_reaches_every_decode(run_dir, monkeypatch, capsys) -> N
         kwargs = settings.generation()
         if kwargs.get("do_sample"):
             kwargs["seed"] = settings.seed
-        expected = caption_strings(engine.model, pixels, tokenizer=engine.tokenizer, precision="bfloat16-head", **kwargs)
+        expected = caption_strings(engine.model, pixels, tokenizer=engine.tokenizer, precision="bfloat16-head",
+                                   backbone_precision="bfloat16", **kwargs)
         assert [r["caption"] for r in engine.caption(pixels, settings)] == expected
-    assert seen == ["bfloat16-head", "bfloat16-head"]
+    assert seen == [("bfloat16-head", "bfloat16")] * 2

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from ..decoding.precision import PRECISIONS
+from ..decoding.precision import BACKBONE_PRECISIONS, PRECISIONS
 from ..image_input import caption_files, find_images
 
 
@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="opt-in bfloat16 decoding: 'bfloat16-head' (the output head's table) or 'bfloat16' "
                              "(the whole decoder); faster on CPUs with bfloat16 matmuls, not always float32's "
                              "captions (README, BENCHMARKS.md)")
+    search.add_argument("--backbone-precision", default="float32", choices=BACKBONE_PRECISIONS,
+                        help="opt-in: the image backbone's convolutions in bfloat16 (from the same float32 "
+                             "weights); faster on CPUs with bfloat16 matmuls, not always float32's captions")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--xla", action="store_true",
                         help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
@@ -59,6 +62,8 @@ def _generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["jit_compile"] = True
     if args.precision != "float32":
         kwargs["precision"] = args.precision
+    if args.backbone_precision != "float32":
+        kwargs["backbone_precision"] = args.backbone_precision
     return kwargs
 
 

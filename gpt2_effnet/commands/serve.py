@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..decoding.precision import PRECISIONS
+from ..decoding.precision import BACKBONE_PRECISIONS, PRECISIONS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="float32", choices=PRECISIONS,
                         help="opt-in bfloat16 decoding for every request, as `caption --precision` "
                              "(README, BENCHMARKS.md); /health reports it")
+    parser.add_argument("--backbone-precision", default="float32", choices=BACKBONE_PRECISIONS,
+                        help="opt-in bfloat16 image backbone for every request, as `caption --backbone-precision`; "
+                             "/health reports it")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -46,10 +49,11 @@ def main(args: argparse.Namespace) -> int:
 
     from ..serving.server import load_engine, make_app
 
-    engine = load_engine(str(run), args.max_batch, args.precision)
+    engine = load_engine(str(run), args.max_batch, args.precision, args.backbone_precision)
     app = make_app(engine, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue,
                    max_bytes=args.max_bytes)
-    print(f"serving {run} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, {args.precision})",
+    print(f"serving {run} on http://{args.host}:{args.port}/ (max batch {args.max_batch}, {args.precision}, "
+          f"backbone {args.backbone_precision})",
           file=sys.stderr)
     web.run_app(app, host=args.host, port=args.port, print=None)
     return 0

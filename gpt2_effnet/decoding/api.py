@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from keras import ops
 
-from .backend import JitSetting, compile_loop, resolve_jit, step_compiler
+from .backend import JitSetting, compile_loop, loop_compiler, resolve_jit, step_compiler
 from .base import DecodeModel, GenerationConfig, GenerationOutput, RuntimeSettings
 from .beam import beam_loop
 from .greedy import token_loop
@@ -69,40 +69,53 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
     # A model that is not compiled would need no cache attribute, but a cached eager
     # function costs nothing and keeps one code path.
     # A bfloat16 step stays in the plain graph: as an XLA program it was 2.9x slower (GPT-2
-    # 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path.
+    # 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path. Without the cache
+    # (checks, the benchmark's baseline) the loop is unrolled: it stays a graph too.
     step_jit = jit if config.precision != "bfloat16" else False
-    run = decode_function(model, config, use_cache, compile_step=step_compiler(step_jit, compile))
+    run = decode_function(model, config, use_cache, compile_step=step_compiler(step_jit, compile),
+                          compile_decode=loop_compiler(step_jit, compile and use_cache))
     programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
     return programs[key]
 
 
 def decode_function(
-    model: Any, config: GenerationConfig, use_cache: bool = True, compile_step: Callable[[Callable], Callable] | None = None
+    model: Any,
+    config: GenerationConfig,
+    use_cache: bool = True,
+    compile_step: Callable[[Callable], Callable] | None = None,
+    compile_decode: Callable[[Callable], Callable] | None = None,
 ) -> Callable:
     """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
     ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it; the SavedModel
     export traces it into its serving graph. ``compile_step`` wraps the cached decode step
-    (see :func:`~.backend.step_compiler`); None inlines it. ``run(..., values=...)`` takes
-    the settings' :meth:`~GenerationConfig.runtime_values` as an input (a tensor) instead
-    of the constants in ``config``."""
+    (see :func:`~.backend.step_compiler`), ``compile_decode`` everything after the image
+    encoder (:func:`~.backend.loop_compiler`); None inlines them. ``run(..., values=...)``
+    takes the settings' :meth:`~GenerationConfig.runtime_values` as an input (a tensor)
+    instead of the constants in ``config``."""
     captioner = model if _is_captioner(model) else None
     decoder = decoder_in(model.decoder if captioner is not None else model, config.precision)
     # Every special token suppressed (a captioner's BOS and extras): no logits for them at all.
     specials = not (decoder.num_special_tokens and config.suppress_from == decoder.gpt2_config.vocab_size)
     decode_model = DecodeModel(decoder, use_cache=use_cache, compile_step=compile_step, specials=specials)
+    repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+
+    def decode(prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any) -> dict[str, Any]:
+        settings = config if values is None else RuntimeSettings(config, values)
+        decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
+        decode_model.head_tables = tables
+        if config.num_beams > 1:
+            return beam_loop(decode_model, prompt, image_kv, settings, seed)
+        return token_loop(decode_model, prompt, image_kv, seed, settings)
+
+    wrapped = (compile_decode or (lambda fn: lambda rows, *args: fn(*args)))(decode)
 
     def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None, values: Any = None) -> dict[str, Any]:
-        settings = config if values is None else RuntimeSettings(config, values)
-        repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-        decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
-        decode_model.head_tables = head_tables(decoder, config.precision)
         image_kv = None
         if images is not None:
             image_kv = captioner.encode_images(images, training=False, backbone_precision=config.backbone_precision)
             image_kv = ops.cast(image_kv, decoder.compute_dtype)
-        if config.num_beams > 1:
-            return beam_loop(decode_model, prompt, image_kv, settings, seed)
-        return token_loop(decode_model, prompt, image_kv, seed, settings)
+        tables = head_tables(decoder, config.precision)
+        return wrapped(prompt.shape[0] * repeats, prompt, image_kv, seed, prompt_mask, values, tables)
 
     return run
 

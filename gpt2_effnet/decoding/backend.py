@@ -11,14 +11,14 @@ from typing import Any, Callable
 
 import keras
 
-# "auto": on a GPU, XLA compiles the whole loop. On a CPU the loop stays a plain graph and,
-# for up to XLA_STEP_MAX_ROWS rows, XLA compiles the decode step alone: the model call and
-# the sampler's token choice (see `step_compiler`, `DecodeModel.step`'s `select`). The
-# whole loop under XLA was slower there (the image encoder: 57 vs 24 ms for one image;
-# the loop's bookkeeping). The model step alone, as one fused program, measured (AMD EPYC,
-# 2 cores): GPT-2 124M at 1 row 1.26-1.31x faster, at 3 rows 1.00x, at 32 and 96 rows
-# 0.97x and 0.95x with a first call 3-4x longer; the seed's captioner 1.42x at 1 row,
-# 1.16x at 12 (bench_generate --graph-step, bench_decode_seed).
+# "auto": on a GPU, XLA compiles the whole loop. On a CPU the image encoder stays a plain
+# graph (oneDNN's convolutions: one image took 57 ms under XLA, 24 ms without), and for
+# up to XLA_STEP_MAX_ROWS decode rows the loop after it (prefill, every step, the
+# sampler's token choice, the beam bookkeeping) is one XLA program (`loop_compiler`):
+# at the seed's configuration (beam, 12 rows) 1.15x faster than a graph loop calling an
+# XLA step, with the same tokens and scores. Larger steps stay in the graph (XLA's model
+# step measured 0.97x / 0.95x at 32 / 96 rows of GPT-2 124M) with only the token choice
+# as an XLA program (`step_compiler`).
 XLA_STEP_MAX_ROWS = 16
 JitSetting = bool | str
 
@@ -44,27 +44,55 @@ def _tensorflow_gpu() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """How the decode step (one cached model call, rows first) is wrapped inside the loop.
+def cpu_split(jit_compile: JitSetting, compile: bool = True) -> bool:
+    """Whether decoding takes the CPU split above: TensorFlow, no GPU, ``jit_compile="auto"``."""
+    return compile and jit_compile == "auto" and backend_name() == "tensorflow" and not _tensorflow_gpu()
 
-    TensorFlow on a CPU with ``jit_compile="auto"``: a step of at most
-    :data:`XLA_STEP_MAX_ROWS` rows runs as ``tf.function(jit_compile=True)``, an XLA
-    program called from the plain-graph loop; larger ones are inlined. Everywhere else
-    the step is inlined into the loop's own program (JAX jits the loop; PyTorch runs
-    eagerly; a whole-loop XLA program needs no second one; ``False`` keeps XLA out, as a
-    SavedModel for TF Serving must: its CPU build refuses XLA programs by default).
+
+def loop_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """How the decode loop (everything after the image encoder) is wrapped inside the program.
+
+    Returns ``wrap(fn)``; ``wrap(fn)(rows, *args)`` calls ``fn(*args)``. On the CPU split,
+    a loop of at most :data:`XLA_STEP_MAX_ROWS` rows runs as ``tf.function(jit_compile=True)``,
+    an XLA program called from the plain graph that encoded the images: XLA then runs the
+    steps back to back, without the graph executor's per-step launches and hand-offs.
     """
-    if not compile or jit_compile != "auto" or backend_name() != "tensorflow" or _tensorflow_gpu():
-        return lambda fn: fn
+    if not cpu_split(jit_compile, compile):
+        return lambda fn: lambda rows, *args: fn(*args)
     import tensorflow as tf
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         xla = tf.function(fn, jit_compile=True, autograph=False)
 
+        def loop(rows: int, *args: Any) -> Any:
+            return xla(*args) if rows <= XLA_STEP_MAX_ROWS else fn(*args)
+
+        loop.xla = xla  # type: ignore[attr-defined]
+        return loop
+
+    return wrap
+
+
+def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """How the decode step (one cached model call, rows first) is wrapped inside the loop.
+
+    On the CPU split, a step of more than :data:`XLA_STEP_MAX_ROWS` rows stays in the
+    graph loop but its token choice (``select``) runs as an XLA program; a smaller step
+    is inlined, since its whole loop is one XLA program already (:func:`loop_compiler`).
+    Everywhere else the step is inlined into the loop's own program (JAX jits the loop;
+    PyTorch runs eagerly; a whole-loop XLA program needs no second one; ``False`` keeps
+    XLA out, as a SavedModel for TF Serving must: its CPU build refuses XLA programs by
+    default).
+    """
+    if not cpu_split(jit_compile, compile):
+        return lambda fn: fn
+    import tensorflow as tf
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def step(rows_first: Any, *rest: Any, select: Callable[..., Any] | None = None, select_args: tuple = ()) -> Any:
             rows = rows_first.shape[0]
             if rows is not None and rows <= XLA_STEP_MAX_ROWS:
-                return xla(rows_first, *rest, select=select, select_args=select_args)
+                return fn(rows_first, *rest, select=select, select_args=select_args)
             # A larger step stays in the graph, but its token choice (top-k / top-p over
             # the whole vocabulary) is still faster as an XLA program: GPT-2 124M nucleus
             # at 32 rows, 34 -> 20 ms per step.
@@ -73,7 +101,6 @@ def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
                 return logits, state
             return tf.function(select, jit_compile=True, autograph=False)(logits, *select_args), state
 
-        step.xla = xla  # type: ignore[attr-defined]
         return step
 
     return wrap

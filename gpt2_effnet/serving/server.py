@@ -88,8 +88,10 @@ class Settings:
 class Engine:
     """The model side: pixels of one batch + settings -> one result dict per image."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int, precision: str = "float32") -> None:
-        from ..decoding.precision import check_precision
+    def __init__(
+        self, model: Any, tokenizer: Any, max_batch: int, precision: str = "float32", backbone_precision: str = "float32"
+    ) -> None:
+        from ..decoding.precision import check_backbone_precision, check_precision
 
         self.model = model
         self.tokenizer = tokenizer
@@ -97,6 +99,7 @@ class Engine:
         # One precision for the whole service, not a request setting: each precision is its
         # own compiled program, and a request should not decide what the server compiles.
         self.precision = check_precision(precision)
+        self.backbone_precision = check_backbone_precision(backbone_precision)
         config = model.captioner_config
         self.image_size = config.model.image_size
         self.max_pixels = config.train.max_image_pixels
@@ -115,6 +118,8 @@ class Engine:
             kwargs["seed"] = settings.seed
         if self.precision != "float32":
             kwargs["precision"] = self.precision
+        if self.backbone_precision != "float32":
+            kwargs["backbone_precision"] = self.backbone_precision
         out = generate_captions(self.model, pixels, return_scores=True, **kwargs)
         ids = out.new_tokens[:count]
         results = []
@@ -225,7 +230,7 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "batches": batcher.batches, "images": batcher.images,
                                   "waiting": batcher.queue.qsize(), "image_size": engine.image_size,
-                                  "precision": engine.precision})
+                                  "precision": engine.precision, "backbone_precision": engine.backbone_precision})
 
     async def caption(request: web.Request) -> web.Response:
         fields = dict(request.query)
@@ -268,10 +273,10 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
     return app
 
 
-def load_engine(run_dir: str, max_batch: int, precision: str = "float32") -> Engine:
+def load_engine(run_dir: str, max_batch: int, precision: str = "float32", backbone_precision: str = "float32") -> Engine:
     from ..captioner import Captioner
     from ..tokenizer import GPT2Tokenizer
 
     model = Captioner.load(run_dir)
     tokenizer = GPT2Tokenizer.for_run(run_dir, model.decoder.num_special_tokens)
-    return Engine(model, tokenizer, max_batch, precision)
+    return Engine(model, tokenizer, max_batch, precision, backbone_precision)
