@@ -107,7 +107,7 @@ def decode_function(
             return beam_loop(decode_model, prompt, image_kv, settings, seed)
         return token_loop(decode_model, prompt, image_kv, seed, settings)
 
-    wrapped = (compile_decode or (lambda fn: lambda rows, *args: fn(*args)))(decode)
+    wrapped = (compile_decode or loop_compiler(False))(decode)  # False: called as it is
 
     def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None, values: Any = None) -> dict[str, Any]:
         image_kv = None
