@@ -124,6 +124,26 @@ def test_beam_export_matches_beam_search(run_and_images, tmp_path) -> None:
     np.testing.assert_array_equal(np.array(out["ids"]), ids)
 
 
+def test_export_with_a_bfloat16_backbone_is_the_librarys(run_and_images, tmp_path) -> None:
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    run, good, _ = run_and_images
+    assert main(["export", str(run), "--out", str(tmp_path / "bb"), "--beams", "2", "--batch-size", "2",
+                 "--backbone-precision", "bfloat16"]) == 0
+    out = _run_without_gpt2_effnet(tmp_path / "bb", good)
+    captions, ids = _reference(run, good, num_beams=2, backbone_precision="bfloat16")
+    assert out["captions"] == captions
+    np.testing.assert_array_equal(np.array(out["ids"]), ids)
+    # The backbone in the export is the bfloat16 one: every convolution takes bfloat16.
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((tmp_path / "bb" / "saved_model.pb").read_bytes())
+    types = [types_pb2.DataType.Name(node.attr["T"].type) for graph in saved.meta_graphs
+             for function in graph.graph_def.library.function for node in function.node_def
+             if node.op in ("Conv2D", "DepthwiseConv2dNative")]
+    assert types and set(types) == {"DT_BFLOAT16"}, types
+
+
 def test_export_refuses_what_it_cannot_do(run_and_images, tmp_path, capsys) -> None:
     run, _, _ = run_and_images
     (tmp_path / "taken").mkdir()

@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..decoding.precision import BACKBONE_PRECISIONS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", metavar="RUN_DIR", help="a trained run folder (config.yaml + captioner.weights.h5)")
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument("--temperature", type=float, default=None, metavar="T")
     search.add_argument("--seed", type=int, default=0, help="the sampling seed baked into the export")
     search.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's max_caption_length")
+    search.add_argument("--backbone-precision", default="float32", choices=BACKBONE_PRECISIONS,
+                        help="opt-in: the image backbone's convolutions in bfloat16 in the export (as "
+                             "`caption --backbone-precision`)")
     parser.add_argument("--batch-size", type=int, default=8,
                         help="images decoded per call of the compiled loop (requests of any size are split)")
 
@@ -50,6 +55,8 @@ def main(args: argparse.Namespace) -> int:
         return fail("--beams cannot be combined with --top-p/--top-k/--temperature")
     kwargs = decoding_kwargs(beams=args.beams, length_penalty=args.length_penalty, top_p=args.top_p, top_k=args.top_k,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    if args.backbone_precision != "float32":
+        kwargs["backbone_precision"] = args.backbone_precision
     try:
         check_generation(kwargs)
     except (ValueError, NotImplementedError) as err:
