@@ -79,15 +79,24 @@ def test_caption_csv_with_beams(run_dir, image_dir, tmp_path, capsys) -> None:
     assert "b_broken.jpg" in capsys.readouterr().err
 
 
-def test_caption_with_a_bfloat16_head_is_the_librarys(saved, image_dir, tmp_path, capsys) -> None:
+@pytest.mark.parametrize(
+    "option, value, decoding, refused, named",
+    [("--precision", "bfloat16-head", {}, "float16", "bfloat16-head"),
+     ("--backbone-precision", "bfloat16", {"num_beams": 2}, "bfloat16-head", "'float32', 'bfloat16'")],
+    ids=["bfloat16-head", "bfloat16-backbone"],
+)
+def test_caption_at_a_low_precision_is_the_librarys(saved, image_dir, tmp_path, capsys, option, value, decoding,
+                                                    refused, named) -> None:
     run_dir, model = saved
+    keyword = option[2:].replace("-", "_")
     out = tmp_path / "captions.jsonl"
+    beams = ["--beams", str(decoding["num_beams"])] if decoding else []
     code = main(["caption", "--checkpoint", str(run_dir), str(image_dir / "a.png"), str(image_dir / "c.jpg"),
-                 "--precision", "bfloat16-head", "--out", str(out)])
+                 *beams, option, value, "--out", str(out)])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     pixels = np.stack([read_image(image_dir / "a.png", SIZE), read_image(image_dir / "c.jpg", SIZE)])
-    expected = caption_strings(model, pixels, tokenizer=GPT2Tokenizer.default(), precision="bfloat16-head")
+    expected = caption_strings(model, pixels, tokenizer=GPT2Tokenizer.default(), **decoding, **{keyword: value})
     assert [r["caption"] for r in rows] == expected
     # The option reaches generate() (float32 captions of this tiny model could equal these).
     import argparse
@@ -96,37 +105,12 @@ def test_caption_with_a_bfloat16_head_is_the_librarys(saved, image_dir, tmp_path
 
     parser = argparse.ArgumentParser()
     caption_command.add_arguments(parser)
-    parsed = parser.parse_args(["--checkpoint", "run", "x.png", "--precision", "bfloat16-head"])
-    assert caption_command._generation_kwargs(parsed)["precision"] == "bfloat16-head"
-    assert "precision" not in caption_command._generation_kwargs(parser.parse_args(["--checkpoint", "run", "x.png"]))
+    parsed = parser.parse_args(["--checkpoint", "run", "x.png", option, value])
+    assert caption_command._generation_kwargs(parsed)[keyword] == value
+    assert keyword not in caption_command._generation_kwargs(parser.parse_args(["--checkpoint", "run", "x.png"]))
     with pytest.raises(SystemExit):  # argparse names the choices
-        main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--precision", "float16"])
-    assert "bfloat16-head" in capsys.readouterr().err
-
-
-def test_caption_with_a_bfloat16_backbone_is_the_librarys(saved, image_dir, tmp_path, capsys) -> None:
-    run_dir, model = saved
-    out = tmp_path / "captions.jsonl"
-    code = main(["caption", "--checkpoint", str(run_dir), str(image_dir / "a.png"), str(image_dir / "c.jpg"),
-                 "--beams", "2", "--backbone-precision", "bfloat16", "--out", str(out)])
-    assert code == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    pixels = np.stack([read_image(image_dir / "a.png", SIZE), read_image(image_dir / "c.jpg", SIZE)])
-    expected = caption_strings(model, pixels, tokenizer=GPT2Tokenizer.default(), num_beams=2,
-                               backbone_precision="bfloat16")
-    assert [r["caption"] for r in rows] == expected
-    import argparse
-
-    from gpt2_effnet.commands import caption as caption_command
-
-    parser = argparse.ArgumentParser()
-    caption_command.add_arguments(parser)
-    parsed = parser.parse_args(["--checkpoint", "run", "x.png", "--backbone-precision", "bfloat16"])
-    assert caption_command._generation_kwargs(parsed)["backbone_precision"] == "bfloat16"
-    assert "backbone_precision" not in caption_command._generation_kwargs(parser.parse_args(["--checkpoint", "run", "x.png"]))
-    with pytest.raises(SystemExit):  # argparse names the choices
-        main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--backbone-precision", "bfloat16-head"])
-    assert "'float32', 'bfloat16'" in capsys.readouterr().err
+        main(["caption", "--checkpoint", str(run_dir), str(image_dir), option, refused])
+    assert named in capsys.readouterr().err
 
 
 def test_caption_bad_arguments_are_named(run_dir, image_dir, tmp_path, capsys) -> None:
