@@ -25,8 +25,23 @@ from typing import Any
 import keras
 from keras import ops
 
+from .fast_ops import one_row_matmul
+
 # Masked scores get this instead of -inf so a fully masked row cannot produce NaN.
 _MASK_VALUE = -1e9
+
+
+class Dense(keras.layers.Dense):
+    """``keras.layers.Dense`` whose one-row product (a decode step at batch 1) takes
+    :func:`fast_ops.one_row_matmul`; same weights, names and results up to summation order."""
+
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
+        out = None if self.quantization_mode or self.lora_enabled else one_row_matmul(inputs, self.kernel)
+        if out is None:
+            return super().call(inputs, training=training)
+        if self.bias is not None:
+            out = ops.add(out, self.bias)
+        return out if self.activation is None else self.activation(out)
 
 
 def attend(query: Any, key: Any, value: Any, mask: Any | None = None, return_weights: bool = False) -> Any:
@@ -73,9 +88,9 @@ class SelfAttention(keras.layers.Layer):
         width = input_shape[-1]
         if width % self.num_heads:
             raise ValueError(f"{self.name}: width {width} is not divisible by {self.num_heads} heads")
-        self.c_attn = keras.layers.Dense(3 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn = Dense(3 * width, name="c_attn", dtype=self.dtype_policy)
         self.c_attn.build(input_shape)
-        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(input_shape)
 
     def _split_heads(self, x: Any, parts: int) -> list[Any]:
@@ -158,11 +173,11 @@ class CrossAttention(keras.layers.Layer):
     def build(self, input_shape: tuple) -> None:
         width = input_shape[-1]
         self.width = width
-        self.q_attn = keras.layers.Dense(width, name="q_attn", dtype=self.dtype_policy)
+        self.q_attn = Dense(width, name="q_attn", dtype=self.dtype_policy)
         self.q_attn.build(input_shape)
-        self.c_attn = keras.layers.Dense(2 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn = Dense(2 * width, name="c_attn", dtype=self.dtype_policy)
         self.c_attn.build(input_shape)
-        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(input_shape)
         if self.gated:
             self.gate = self.add_weight(name="gate", shape=(), initializer="zeros")
@@ -247,9 +262,9 @@ class TransformerBlock(keras.layers.Layer):
         if self.cross_attention is not None:
             self.ln_cross_attn.build(input_shape)
             self.crossattention.build(input_shape)
-        self.c_fc = keras.layers.Dense(4 * width, name="c_fc", dtype=self.dtype_policy)
+        self.c_fc = Dense(4 * width, name="c_fc", dtype=self.dtype_policy)
         self.c_fc.build(input_shape)
-        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(tuple(input_shape[:-1]) + (4 * width,))
 
     def call(

@@ -61,3 +61,46 @@ def test_frozen_batch_norm_and_bias_add_match_their_definitions() -> None:
     # A wrong epsilon or a swapped scale/offset is far outside that tolerance.
     assert np.abs(np.asarray(frozen_batch_norm(ops.convert_to_tensor(x), offset, scale, mean, variance, 1e-3)) - want).max() > 0.1
     np.testing.assert_allclose(np.asarray(bias_add(ops.convert_to_tensor(x), offset)), x + offset, rtol=1e-6)
+
+
+def test_one_row_matmul_matches_float64_and_is_taken_only_for_one_row() -> None:
+    import keras
+    import tensorflow as tf
+
+    from gpt2_effnet.fast_ops import one_row_matmul
+    from gpt2_effnet.layers import Dense
+
+    rng = np.random.default_rng(2)
+    kernel = rng.normal(0, 0.05, (768, 300)).astype(np.float32)
+    for shape in ((1, 768), (1, 1, 768)):
+        x = rng.normal(0, 1, shape).astype(np.float32)
+        exact = x.astype(np.float64) @ kernel.astype(np.float64)
+        plain = ops.convert_to_numpy(ops.matmul(x, kernel))
+        got = tf.function(lambda a, b: one_row_matmul(a, b), jit_compile=True)(tf.constant(x), tf.constant(kernel))
+        got = np.asarray(got)
+        assert got.shape == shape[:-1] + (300,)
+        # Within float32's rounding of a 768-term sum, as the plain product is.
+        np.testing.assert_allclose(got, exact, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(got, plain, rtol=0, atol=2e-5)
+    # Outside XLA (eager, a plain graph), more than one row, or an odd depth: the plain
+    # product (the caller's fallback).
+    one = tf.constant(rng.normal(0, 1, (1, 768)).astype(np.float32))
+    assert one_row_matmul(one, tf.constant(kernel)) is None
+    assert tf.function(lambda a: tf.constant(one_row_matmul(a, tf.constant(kernel)) is None))(one).numpy()
+    in_xla = tf.function(lambda a, b: tf.constant(one_row_matmul(a, b) is None), jit_compile=True)
+    assert in_xla(tf.zeros((2, 768)), tf.constant(kernel)).numpy()
+    assert in_xla(tf.zeros((1, 767)), tf.zeros((767, 3))).numpy()
+    assert not in_xla(one, tf.constant(kernel)).numpy()
+
+    # The layer: same weights and names as keras' Dense, same outputs at one row and many.
+    ours, theirs = Dense(300, activation="gelu", name="c_fc"), keras.layers.Dense(300, activation="gelu", name="c_fc")
+    ours.build((None, 768))
+    theirs.build((None, 768))
+    for variable, value in zip(ours.weights + theirs.weights, 2 * [kernel, rng.normal(0, 1, 300).astype(np.float32)]):
+        variable.assign(value)
+    assert [v.path for v in ours.weights] == [v.path for v in theirs.weights]
+    for rows in (1, 5):
+        x = tf.constant(rng.normal(0, 1, (rows, 1, 768)).astype(np.float32))
+        expected = ops.convert_to_numpy(theirs(x))
+        for call in (ours, tf.function(ours, jit_compile=True)):
+            np.testing.assert_allclose(ops.convert_to_numpy(call(x)), expected, rtol=0, atol=2e-5)
