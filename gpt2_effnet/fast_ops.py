@@ -171,6 +171,60 @@ def one_row_matmul(x: Any, kernel: Any) -> Any | None:
     return ops.reshape(ops.sum(halves, axis=0), shape[:-1] + (kernel.shape[1],))
 
 
+def new_buffer(shape: tuple, dtype: str) -> Any:
+    """A zero-filled tensor that is its own allocation, for :func:`write_slot` to write into.
+
+    In TensorFlow's plain graph, ``keras.ops.zeros`` may be folded into a constant, and
+    equal constants into one: a buffer written in place must be neither, so there it is
+    an ``Empty`` op (never folded or merged). Elsewhere ``keras.ops.zeros``.
+    """
+    if _plain_tf_graph():
+        import tensorflow as tf
+
+        dims = [int(d) for d in shape]
+        return tf.raw_ops.Empty(shape=tf.constant(dims, tf.int32), dtype=tf.as_dtype(dtype), init=True)
+    return ops.zeros(shape, dtype=dtype)
+
+
+def write_slot(buffer: Any, new: Any, index: Any, in_place: bool = False) -> Any:
+    """``buffer [B, H, S, D]`` with ``new [B, H, 1, D]`` written at position ``index`` of axis 2.
+
+    ``in_place=True`` is a promise by the caller that it owns ``buffer`` (made by
+    :func:`new_buffer` or a computation, never a constant or variable) and never reads it
+    again. In TensorFlow's plain graph the slot is then written into the buffer itself
+    (``InplaceUpdate`` on its ``B * H`` rows) where ``keras.ops.slice_update`` copies the
+    whole buffer through an XLA op: GPT-2 124M greedy at batch 32, 24 writes a step took
+    ~20 ms of a ~110 ms step (Intel Xeon, 2 cores) against ~4 ms in place. Inside XLA
+    (which updates loop buffers in place itself), eagerly and on other backends it is
+    ``slice_update``.
+    """
+    batch, heads, length, depth = buffer.shape
+    if not in_place or new.shape[2] != 1 or None in (batch, heads, length, depth) or not _plain_tf_graph():
+        return ops.slice_update(buffer, [0, 0, index, 0], ops.cast(new, buffer.dtype))
+    import tensorflow as tf
+
+    rows = tf.range(batch * heads, dtype=tf.int32) * length + tf.cast(index, tf.int32)
+    flat = tf.raw_ops.InplaceUpdate(
+        x=tf.reshape(buffer, (-1, depth)), i=rows, v=tf.reshape(tf.cast(new, buffer.dtype), (-1, depth))
+    )
+    return tf.reshape(flat, buffer.shape)
+
+
+def writes_in_place() -> bool:
+    """Whether :func:`write_slot` with ``in_place=True`` writes into the buffer here (TensorFlow's
+    plain graph), so a buffer the caller made itself needs no other copy."""
+    return _plain_tf_graph()
+
+
+def _plain_tf_graph() -> bool:
+    """Whether TensorFlow is tracing a graph that is not an XLA program."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly() and not _inside_xla()
+
+
 def _inside_xla() -> bool:
     """Whether TensorFlow is tracing into an XLA program (``jit_compile=True``) right now."""
     import tensorflow as tf

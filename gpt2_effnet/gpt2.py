@@ -17,7 +17,7 @@ import numpy as np
 from keras import ops
 
 from .config import GPT2Config
-from .fast_ops import logits_from_table
+from .fast_ops import logits_from_table, new_buffer
 from .layers import TransformerBlock
 
 
@@ -278,7 +278,7 @@ class GPT2Decoder(keras.Model):
             raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")
         shape = (batch_size, cfg.n_head, max_length, cfg.head_dim)
         dtype = dtype or self.compute_dtype
-        return tuple((ops.zeros(shape, dtype=dtype), ops.zeros(shape, dtype=dtype)) for _ in range(cfg.n_layer))
+        return tuple((new_buffer(shape, dtype), new_buffer(shape, dtype)) for _ in range(cfg.n_layer))
 
     def call_with_cache(
         self,
@@ -291,9 +291,11 @@ class GPT2Decoder(keras.Model):
         head_tables: tuple | None = None,
         cache_rows: Any | None = None,
         specials: bool = True,
+        cache_in_place: bool = False,
     ) -> tuple[Any, Any]:
         """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
         ``cache_rows [B]``: row ``i`` continues cache row ``cache_rows[i]`` (beam search, T = 1).
+        ``cache_in_place``: the caller drops ``cache`` after this call (see SelfAttention.call).
         ``head_tables``, ``specials``: as in :meth:`head`.
 
         Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
@@ -307,7 +309,7 @@ class GPT2Decoder(keras.Model):
         layer_caches = []
         for block, layer_cache, kv in zip(self.blocks, cache, self._per_layer(image_kv)):
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask,
-                                   cache_rows=cache_rows)
+                                   cache_rows=cache_rows, cache_in_place=cache_in_place)
             layer_caches.append(layer_cache)
         return self.head(x, tables=head_tables, specials=specials), tuple(layer_caches)
 

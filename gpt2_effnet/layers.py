@@ -14,7 +14,9 @@ and the image's K/V in every block (31 of ~250 ms of op time in a profiled nucle
 at the seed's configuration). One pair per layer rather than one stacked tensor: a
 graph-mode step otherwise copied the whole cache four times (slice out each layer,
 update, split keys from values, stack again; ~20 % of the op time of GPT-2 124M at batch
-32), where now each buffer is written once.
+32), where now each buffer is written once. In TensorFlow's plain graph (steps of more
+than 16 rows, the SavedModel export) a decode step writes its one new position into the
+buffers in place (:func:`fast_ops.write_slot`) rather than copying them; XLA does that by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from .fast_ops import one_row_matmul
+from .fast_ops import one_row_matmul, write_slot, writes_in_place
 
 # Masked scores get this instead of -inf so a fully masked row cannot produce NaN.
 _MASK_VALUE = -1e9
@@ -111,6 +113,7 @@ class SelfAttention(keras.layers.Layer):
         padding_mask: Any | None = None,
         training: bool | None = None,
         cache_rows: Any | None = None,
+        cache_in_place: bool = False,
     ) -> tuple[Any, Any | None]:
         """Return ``(output, updated_cache)``; without a cache the second item is None.
 
@@ -118,6 +121,8 @@ class SelfAttention(keras.layers.Layer):
         ``cache_rows [B]`` (beam search, one token per row): row ``i`` continues the cache
         row ``cache_rows[i]``. Gathered and written in one select, so XLA writes each
         buffer once, where a gather and then an update wrote it twice and copied it once.
+        ``cache_in_place``: the caller owns ``cache`` and drops it after this call (a decode
+        loop), so one new token may be written into its buffers (:func:`fast_ops.write_slot`).
         """
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         query, key, value = self._split_heads(self.c_attn(x), 3)
@@ -132,10 +137,13 @@ class SelfAttention(keras.layers.Layer):
                 slot = ops.reshape(slot, (1, 1, -1, 1))
 
                 def write(buffer: Any, new: Any) -> Any:
-                    return ops.where(slot, new, ops.take(buffer, cache_rows, axis=0))
+                    gathered = ops.take(buffer, cache_rows, axis=0)
+                    if writes_in_place():  # a gather's output is a new buffer: ours to write
+                        return write_slot(gathered, new, cache_index, in_place=True)
+                    return ops.where(slot, new, gathered)
             else:
                 def write(buffer: Any, new: Any) -> Any:
-                    return ops.slice_update(buffer, [0, 0, cache_index, 0], new)
+                    return write_slot(buffer, new, cache_index, in_place=cache_in_place)
             key_cache = write(key_cache, ops.cast(key, key_cache.dtype))
             value_cache = write(value_cache, ops.cast(value, value_cache.dtype))
             cache = (key_cache, value_cache)
@@ -277,12 +285,13 @@ class TransformerBlock(keras.layers.Layer):
         training: bool | None = None,
         return_attention: bool = False,
         cache_rows: Any | None = None,
+        cache_in_place: bool = False,
     ) -> tuple[Any, ...]:
         """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``.
-        ``cache_rows``: see SelfAttention.call."""
+        ``cache_rows``, ``cache_in_place``: see SelfAttention.call."""
         attended, cache = self.attn(
             self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training,
-            cache_rows=cache_rows,
+            cache_rows=cache_rows, cache_in_place=cache_in_place,
         )
         x = x + attended
         weights = None

@@ -204,6 +204,13 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
                 step(tf.zeros((rows, 2)), select=choose)
             # Inlined at 16 rows (called eagerly here); traced into its own program at 17.
             assert choices == [True, False]
+            # A bfloat16 model step (max_xla_rows=0): never an XLA loop, its choice always one.
+            step = step_compiler("auto", max_xla_rows=0)(plus_one)
+            step(tf.zeros((1, 2)), select=choose)
+            assert choices[-1] is False
+            graph_loop = loop_compiler("auto", max_xla_rows=0)(twice)
+            np.testing.assert_array_equal(np.asarray(graph_loop(1, tf.ones((1, 2)))), 2.0)
+            assert graph_loop.xla.experimental_get_tracing_count() == 0
     for setting in (False, True):
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
         plain = loop_compiler(setting)(twice)
@@ -216,6 +223,7 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
     for prompts, kwargs in ((prompt, dict()), (prompt, dict(num_beams=3, num_return_sequences=2)),
                             (prompt, dict(do_sample=True, top_p=0.9, seed=3)),
                             (wide, dict(repetition_penalty=1.5)), (wide[:6], dict(num_beams=3)),
+                            (wide[:, :1], {}),  # no prefill: the step writes into new buffers
                             (wide, dict(do_sample=True, top_k=5, seed=3))):
         common = dict(max_new_tokens=9, eos_token_id=3, return_scores=True, **kwargs)
         auto = generate(decoder, prompts, **common)

@@ -104,3 +104,46 @@ def test_one_row_matmul_matches_float64_and_is_taken_only_for_one_row() -> None:
         expected = ops.convert_to_numpy(theirs(x))
         for call in (ours, tf.function(ours, jit_compile=True)):
             np.testing.assert_allclose(ops.convert_to_numpy(call(x)), expected, rtol=0, atol=2e-5)
+
+
+def test_write_slot_writes_one_position_in_place_only_where_promised() -> None:
+    """The slot written equals ``slice_update``'s; ``InplaceUpdate`` only in a plain graph
+    with ``in_place=True``; buffers from ``new_buffer`` are zeros at every call and apart
+    (a folded, shared constant written in place would leak one call's keys into the next)."""
+    import tensorflow as tf
+
+    from gpt2_effnet.fast_ops import new_buffer, write_slot
+
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 1, (3, 2, 5, 4)).astype(np.float32)
+    new = rng.normal(0, 1, (3, 2, 1, 4)).astype(np.float32)
+    expected = base.copy()
+    expected[:, :, 2:3] = new
+
+    def fill_and_write(values, update, index, in_place):
+        owned = new_buffer(values.shape, "float32") + values  # a computed buffer: ours to write
+        return write_slot(owned, update, index, in_place=in_place)
+
+    for in_place in (True, False):
+        for jit in (False, True):
+            fn = tf.function(lambda v, u, i, p=in_place: fill_and_write(v, u, i, p), jit_compile=jit)
+            got = fn(tf.constant(base), tf.constant(new), tf.constant(2))
+            np.testing.assert_array_equal(np.asarray(got), expected)
+            ops_used = {op.type for op in fn.get_concrete_function(
+                tf.constant(base), tf.constant(new), tf.constant(2)).graph.get_operations()}
+            assert ("InplaceUpdate" in ops_used) == (in_place and not jit), (in_place, jit, ops_used)
+    eager_base = tf.constant(base)
+    np.testing.assert_array_equal(np.asarray(write_slot(eager_base, new, 2, in_place=True)), expected)
+    np.testing.assert_array_equal(np.asarray(eager_base), base)  # eagerly: a copy, never in place
+
+    @tf.function
+    def two_buffers(index):
+        first, second = new_buffer((2, 1, 4, 3), "float32"), new_buffer((2, 1, 4, 3), "float32")
+        return write_slot(first, tf.ones((2, 1, 1, 3)), index, in_place=True), second
+
+    for index in (1, 3):
+        written, other = (np.asarray(t) for t in two_buffers(tf.constant(index)))
+        want = np.zeros((2, 1, 4, 3), np.float32)
+        want[:, :, index] = 1.0
+        np.testing.assert_array_equal(written, want)  # the slot of this call only
+        np.testing.assert_array_equal(other, 0.0)

@@ -16,7 +16,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from keras import ops
 
-from .backend import JitSetting, compile_loop, loop_compiler, resolve_jit, step_compiler
+from .backend import (
+    XLA_STEP_MAX_ROWS,
+    JitSetting,
+    compile_loop,
+    loop_compiler,
+    resolve_jit,
+    step_compiler,
+)
 from .base import DecodeModel, GenerationConfig, GenerationOutput, RuntimeSettings
 from .beam import beam_loop
 from .greedy import token_loop
@@ -68,12 +75,14 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
         return programs[key]
     # A model that is not compiled would need no cache attribute, but a cached eager
     # function costs nothing and keeps one code path.
-    # A bfloat16 step stays in the plain graph: as an XLA program it was 2.9x slower (GPT-2
-    # 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path. Without the cache
-    # (checks, the benchmark's baseline) the loop is unrolled: it stays a graph too.
-    step_jit = jit if config.precision != "bfloat16" else False
-    run = decode_function(model, config, use_cache, compile_step=step_compiler(step_jit, compile),
-                          compile_decode=loop_compiler(step_jit, compile and use_cache))
+    # A bfloat16 model step stays in the plain graph at every size: as an XLA program it was
+    # 2.9x slower (GPT-2 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path.
+    # Its token choice still runs in XLA (float32 logits): GPT-2 124M greedy at batch 32,
+    # the log-softmax and argmax took 7 ms a step in the graph. Without the cache (checks,
+    # the benchmark's baseline) the loop is unrolled: it stays a graph too.
+    xla_rows = 0 if config.precision == "bfloat16" else XLA_STEP_MAX_ROWS
+    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile, xla_rows),
+                          compile_decode=loop_compiler(jit, compile and use_cache, xla_rows))
     programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
     return programs[key]
 
@@ -164,7 +173,7 @@ def generate(
     real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
     recomputes the full prefix at every step (for checks and benchmarks).
-    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: 1.2-1.4x
+    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: 1.1-1.7x
     faster at batch 32 on CPUs with bfloat16 matmuls (GPT-2 124M), slower at batch 1, and not
     always the same tokens as float32 (see :mod:`~gpt2_effnet.decoding.precision`).
     ``precision="bfloat16-head"`` (opt-in) keeps the blocks in float32 and reads a bfloat16

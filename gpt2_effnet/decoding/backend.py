@@ -49,11 +49,13 @@ def cpu_split(jit_compile: JitSetting, compile: bool = True) -> bool:
     return compile and jit_compile == "auto" and backend_name() == "tensorflow" and not _tensorflow_gpu()
 
 
-def loop_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def loop_compiler(
+    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """How the decode loop (everything after the image encoder) is wrapped inside the program.
 
     Returns ``wrap(fn)``; ``wrap(fn)(rows, *args)`` calls ``fn(*args)``. On the CPU split,
-    a loop of at most :data:`XLA_STEP_MAX_ROWS` rows runs as ``tf.function(jit_compile=True)``,
+    a loop of at most ``max_xla_rows`` rows runs as ``tf.function(jit_compile=True)``,
     an XLA program called from the plain graph that encoded the images: XLA then runs the
     steps back to back, without the graph executor's per-step launches and hand-offs.
     """
@@ -65,7 +67,7 @@ def loop_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
         xla = tf.function(fn, jit_compile=True, autograph=False)
 
         def loop(rows: int, *args: Any) -> Any:
-            return xla(*args) if rows <= XLA_STEP_MAX_ROWS else fn(*args)
+            return xla(*args) if rows <= max_xla_rows else fn(*args)
 
         loop.xla = xla  # type: ignore[attr-defined]
         return loop
@@ -73,12 +75,14 @@ def loop_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
     return wrap
 
 
-def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def step_compiler(
+    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """How the decode step (one cached model call, rows first) is wrapped inside the loop.
 
-    On the CPU split, a step of more than :data:`XLA_STEP_MAX_ROWS` rows stays in the
-    graph loop but its token choice (``select``) runs as an XLA program; a smaller step
-    is inlined, since its whole loop is one XLA program already (:func:`loop_compiler`).
+    On the CPU split, a step of more than ``max_xla_rows`` rows stays in the graph loop
+    but its token choice (``select``) runs as an XLA program; a smaller step is inlined,
+    since its whole loop is one XLA program already (:func:`loop_compiler`).
     Everywhere else the step is inlined into the loop's own program (JAX jits the loop;
     PyTorch runs eagerly; a whole-loop XLA program needs no second one; ``False`` keeps
     XLA out, as a SavedModel for TF Serving must: its CPU build refuses XLA programs by
@@ -91,7 +95,7 @@ def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def step(rows_first: Any, *rest: Any, select: Callable[..., Any] | None = None, select_args: tuple = ()) -> Any:
             rows = rows_first.shape[0]
-            if rows is not None and rows <= XLA_STEP_MAX_ROWS:
+            if rows is not None and rows <= max_xla_rows:
                 return fn(rows_first, *rest, select=select, select_args=select_args)
             # A larger step stays in the graph, but its token choice (top-k / top-p over
             # the whole vocabulary) is still faster as an XLA program: GPT-2 124M nucleus
@@ -104,6 +108,17 @@ def step_compiler(jit_compile: JitSetting, compile: bool = True) -> Callable[[Ca
         return step
 
     return wrap
+
+
+def graph_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as one TensorFlow graph where that is the backend, else ``fn`` itself: a graph
+    runs many small ops (a weight cast apiece) without Python between them. For code with
+    side effects on variables, which ``jax.jit`` would not keep."""
+    if backend_name() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return tf.function(fn, autograph=False)
 
 
 def compile_loop(fn: Callable[..., Any], compile: bool = True, jit_compile: JitSetting = "auto") -> Callable[..., Any]:

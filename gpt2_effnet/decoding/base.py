@@ -331,6 +331,7 @@ class DecodeModel:
         logits, cache = self.decoder.call_with_cache(
             last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
             head_tables=self.head_tables, cache_rows=parents, specials=self.specials,
+            cache_in_place=True,  # the loop hands each step's cache to the next step only
         )
         logits = logits[:, 0]
         return (logits if select is None else select(logits, *select_args)), cache
