@@ -300,9 +300,10 @@ def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -
     """One token per row from ``softmax(warp_logits(scores))``: what sampling draws.
 
     With top-k on, everything after the top-k runs on the k candidates instead of the
-    whole vocabulary (softmax, top-p, the inverse-CDF draw: ~10 passes over 50258 columns
-    per step otherwise). The candidates are put back in id order, so the same uniform
-    number picks the same token as the whole-vocabulary draw (up to float rounding). A
+    whole vocabulary (top-p and the draw: passes over 50258 columns per step otherwise).
+    The draw's noise is keyed by token id, so it picks the token the whole-vocabulary draw
+    picks; the candidates are put back in id order, so an exact tie also goes to the same
+    (lowest) id. A
     tie at the k-th place (HF keeps every tied token), or fewer than k finite scores,
     takes the whole-vocabulary path, so the result never depends on which tie top_k drops.
     """
@@ -319,7 +320,7 @@ def sample_warped(scores: Any, config: GenerationConfig, seed: Any, step: Any) -
         # Gathering top_k's ids by an argsort instead made XLA sort the whole row (11 ms).
         negated, order = ops.top_k(-ids[:, :k], k)
         kept = _top_p(ops.take_along_axis(values[:, :k], order, axis=-1), config)
-        picked = sample_tokens(kept, seed, step)
+        picked = sample_tokens(kept, seed, step, ids=-negated)
         return ops.take_along_axis(-negated, picked[:, None], axis=-1)[:, 0]
 
     def on_vocabulary() -> Any:

@@ -1,9 +1,13 @@
 """Token selection for greedy and ancestral (top-k / top-p / temperature) sampling.
 
-Randomness is a counter-based hash of (seed, step, row), written in integer ``keras.ops``:
-no random-state variable to thread through a compiled loop, the same seed gives the same
-captions on every backend, and a new seed is just a new input (no recompilation).
-Sampling uses the inverse CDF, so one uniform number per row and step is enough.
+Randomness is a counter-based hash of (seed, step, row, token id), written in integer
+``keras.ops``: no random-state variable to thread through a compiled loop, and a new seed
+is just a new input (no recompilation). A token is drawn as the argmax of its logit plus
+Gumbel noise keyed by its id (the Gumbel-max trick), not by an inverse CDF: a cumulative
+sum over 50k float32 probabilities rounds differently in XLA and in TensorFlow's graph,
+and on flat rows that rounding is as wide as a token's share, so one seed drew different
+tokens in the two (GPT-2 124M nucleus at 32 rows: 18 of 32 rows within 16 tokens). An
+argmax moves only if two perturbed logits are within rounding of each other.
 """
 
 from __future__ import annotations
@@ -34,15 +38,20 @@ def _mix32(x: Any) -> Any:
     return ops.bitwise_xor(x, _shift_right(x, 16))
 
 
-def uniform_per_row(seed: Any, step: Any, rows: int) -> Any:
-    """``[rows]`` float32 in (0, 1), a pure function of (seed, step, row)."""
+def gumbel_per_token(seed: Any, step: Any, ids: Any) -> Any:
+    """Standard Gumbel noise ``[rows, C]`` for token ``ids [rows, C]`` (int), a pure function
+    of (seed, step, row, id): a token gets the same noise whichever candidates it is among."""
     seed = ops.cast(seed, "int32")
     step = ops.cast(step, "int32")
     key = _mix32(_mix32(seed) + _mix32(step * _GOLDEN + 1))
-    counter = ops.arange(rows, dtype="int32")
-    bits = _mix32(_mix32(ops.bitwise_xor(counter, key)) + key)
+    rows = ids.shape[0]
+    row_key = _mix32(ops.expand_dims(ops.arange(rows, dtype="int32"), 1) * _GOLDEN + key)
+    # One finaliser round per token (the row key is mixed already): ~10 integer ops a token,
+    # which over 32 rows of 50257 tokens is a few percent of a GPT-2 124M step.
+    bits = _mix32(ops.bitwise_xor(ops.cast(ids, "int32") * _GOLDEN, row_key))
     # 24 random bits, centred in their bucket so 0 and 1 are never produced.
-    return (ops.cast(_shift_right(bits, 8), "float32") + 0.5) / float(1 << 24)
+    uniform = (ops.cast(_shift_right(bits, 8), "float32") + 0.5) / float(1 << 24)
+    return -ops.log(-ops.log(uniform))
 
 
 def uniform_matrix(seed: Any, step: Any, rows: int, columns: int) -> Any:
@@ -72,13 +81,18 @@ def greedy_tokens(scores: Any) -> Any:
     return argmax_last(scores)
 
 
-def sample_tokens(logits: Any, seed: Any, step: Any) -> Any:
-    """One token per row from ``softmax(logits)`` (``-inf`` entries are never chosen)."""
-    rows = logits.shape[0]
-    probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)
-    cdf = ops.cumsum(probs, axis=-1)
-    target = uniform_per_row(seed, step, rows) * cdf[:, -1]
-    # First index whose cumulative mass reaches the target; zero-probability ids are skipped
-    # because their cdf equals their predecessor's.
-    index = ops.sum(ops.cast(cdf < ops.expand_dims(target, 1), "int32"), axis=-1)
-    return ops.minimum(index, logits.shape[-1] - 1)
+def sample_tokens(logits: Any, seed: Any, step: Any, ids: Any | None = None) -> Any:
+    """Column of one token per row drawn from ``softmax(logits)`` (``-inf`` entries are never
+    chosen): the argmax of ``logits`` plus Gumbel noise. ``ids [rows, C]``: the token id of
+    each column (default: the column itself), which keys the noise, so a draw among
+    candidates picks what the draw over the whole vocabulary picks."""
+    rows, width = logits.shape
+    columns = ops.expand_dims(ops.arange(width, dtype="int32"), 0)
+    if ids is None:
+        ids = ops.broadcast_to(columns, (rows, width))
+    perturbed = ops.cast(logits, "float32") + gumbel_per_token(seed, step, ids)
+    # The first column holding the row's maximum, as a max and a min: XLA's fused argmax
+    # (one variadic reduce) over the noise took 17.6 ms for 32 x 50257, this 3.8 ms (the
+    # inverse CDF it replaces: 7.5 ms; Intel Xeon, 2 cores).
+    best = ops.max(perturbed, axis=-1, keepdims=True)
+    return ops.min(ops.where(perturbed >= best, columns, width), axis=-1)
