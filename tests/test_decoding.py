@@ -450,8 +450,8 @@ def test_sampling_draws_the_same_tokens_in_every_compile_mode_on_flat_rows() -> 
             np.testing.assert_array_equal(other, draws[0], err_msg=f"step {step}")
     decoder = tiny_decoder(20000, seed=8, n_positions=16, scale=0.05)
     prompts = np.random.default_rng(9).integers(0, 20000, (20, 3))
-    for kwargs in (dict(do_sample=True, top_k=0), dict(do_sample=True, top_k=0, top_p=0.9)):
-        common = dict(max_new_tokens=8, eos_token_id=None, seed=4, **kwargs)
+    for kwargs in ({"do_sample": True, "top_k": 0}, {"do_sample": True, "top_k": 0, "top_p": 0.9}):
+        common = {"max_new_tokens": 8, "eos_token_id": None, "seed": 4, **kwargs}
         auto = generate(decoder, prompts, **common)
         np.testing.assert_array_equal(generate(decoder, prompts, jit_compile=False, **common), auto)
         np.testing.assert_array_equal(generate(decoder, prompts, compile=False, **common), auto)
