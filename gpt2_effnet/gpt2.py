@@ -155,7 +155,9 @@ class GPT2Decoder(keras.Model):
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
-    def head(self, hidden: Any, compact: bool = False, tables: tuple | None = None, specials: bool = True) -> Any:
+    def head(
+        self, hidden: Any, compact: bool = False, tables: tuple | None = None, specials: bool = True, transposed: bool = False
+    ) -> Any:
         """Final LayerNorm and the tied LM head: hidden ``[B, T, W]`` -> float32 logits ``[B, T, V]``.
 
         Public so a training step can apply it to the positions that have targets only
@@ -170,11 +172,18 @@ class GPT2Decoder(keras.Model):
         float32 sums. ``specials=False`` leaves out the special tokens' columns (logits
         ``[B, T, vocab_size]``): decoding never emits them, and computing, joining and then
         masking that one column cost ~5 % of a beam step at the seed's configuration.
+        ``transposed=True``: ``tables`` are float32 copies of the tables as ``[W, V]``
+        (:func:`~gpt2_effnet.decoding.precision.head_tables`), multiplied as they lie.
         """
         hidden = self.ln_f(hidden)
-        low_precision = tables is not None
-        tables = (tables if low_precision else self.head_tables())[: None if specials else 1]
-        if low_precision:
+        low_precision = tables is not None and not transposed
+        tables = (self.head_tables() if tables is None else tables)[: None if specials else 1]
+        if transposed:
+            rows = ops.reshape(hidden, (-1, hidden.shape[-1]))  # a 2-D product: TF's batched one is slower
+            lead = (-1, *hidden.shape[1:-1])
+            parts = [ops.reshape(ops.matmul(rows, ops.cast(table, hidden.dtype)), (*lead, table.shape[1]))
+                     for table in tables if table is not None]
+        elif low_precision:
             parts = [logits_from_table(hidden, table) for table in tables if table is not None]
         else:
             parts = [ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype)) for table in tables if table is not None]
@@ -292,11 +301,13 @@ class GPT2Decoder(keras.Model):
         cache_rows: Any | None = None,
         specials: bool = True,
         cache_in_place: bool = False,
+        head_transposed: bool = False,
     ) -> tuple[Any, Any]:
         """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
         ``cache_rows [B]``: row ``i`` continues cache row ``cache_rows[i]`` (beam search, T = 1).
         ``cache_in_place``: the caller drops ``cache`` after this call (see SelfAttention.call).
-        ``head_tables``, ``specials``: as in :meth:`head`.
+        ``head_tables``, ``specials``, ``head_transposed``: as :meth:`head`'s ``tables``,
+        ``specials`` and ``transposed``.
 
         Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
         so one compiled step serves the whole decode loop.
@@ -311,7 +322,7 @@ class GPT2Decoder(keras.Model):
             x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask,
                                    cache_rows=cache_rows, cache_in_place=cache_in_place)
             layer_caches.append(layer_cache)
-        return self.head(x, tables=head_tables, specials=specials), tuple(layer_caches)
+        return self.head(x, tables=head_tables, specials=specials, transposed=head_transposed), tuple(layer_caches)
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""

@@ -211,10 +211,15 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
             graph_loop = loop_compiler("auto", max_xla_rows=0)(twice)
             np.testing.assert_array_equal(np.asarray(graph_loop(1, tf.ones((1, 2)))), 2.0)
             assert graph_loop.xla.experimental_get_tracing_count() == 0
+            # The XLA loop's head multiplies a [W, V] copy of the table from 2 rows; a graph loop never.
+            sizes = (1, 2, XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1)
+            assert [loop.transposed_head(rows) for rows in sizes] == [False, True, True, False]
+            assert not any(graph_loop.transposed_head(rows) for rows in sizes)
     for setting in (False, True):
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
         plain = loop_compiler(setting)(twice)
         assert not hasattr(plain, "xla") and float(np.asarray(plain(1, np.float32(3.0)))) == 6.0
+        assert not plain.transposed_head(4)
     decoder = tiny_decoder(14, seed=5, n_positions=24)
     prompt = rng.integers(0, 14, (3, 2))
     # 3 rows: model and choice in one XLA program; 24 and 18 rows: the model step in the
@@ -232,6 +237,56 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
         for other in (graph, eager):
             np.testing.assert_array_equal(auto.sequences, other.sequences)
             np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+
+
+def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_multiplies_it(rng, monkeypatch) -> None:
+    """precision.head_tables(transposed=True): float32 [W, V] copies of the head's tables, which
+    GPT2Decoder.head multiplies as they lie; same logits as the [V, W] table (specials, a
+    restricted output vocabulary, the special column left out). On TensorFlow's CPU split,
+    generate hands them to an XLA loop of 2-16 rows and to no other (the loop's tokens are
+    checked against the graph and eager loops in the test above)."""
+    import keras
+
+    from gpt2_effnet.decoding import precision
+    from gpt2_effnet.decoding.backend import cpu_split
+
+    config = GPT2Config(vocab_size=14, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    hidden = rng.normal(size=(3, 2, 16)).astype("float32")
+    layouts = ({}, {"num_special_tokens": 2}, {"num_special_tokens": 1, "output_vocabulary": [0, 3, 5, 9]})
+    for kwargs in layouts:
+        decoder = GPT2Decoder(config, **kwargs)
+        decoder(np.zeros((1, 1), "int32"))
+        tables = precision.head_tables(decoder, "float32", transposed=True)
+        for table, plain in zip(tables, decoder.head_tables()):
+            assert (table is None) == (plain is None)
+            if table is not None:
+                assert tuple(table.shape) == tuple(plain.shape)[::-1]
+        for specials in (True, False):
+            want = np.asarray(decoder.head(hidden, specials=specials))
+            got = np.asarray(decoder.head(hidden, tables=tables, specials=specials, transposed=True))
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert precision.head_tables(decoder, "float32") is None
+    with pytest.raises(ValueError, match="float32"):
+        precision.head_tables(decoder, "bfloat16-head", transposed=True)
+
+    if not cpu_split("auto") or keras.backend.backend() != "tensorflow":
+        return
+    seen = []
+    head = GPT2Decoder.head
+
+    def spy(self, hidden, *args, **kwargs):
+        seen.append(kwargs.get("transposed", False))
+        return head(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(GPT2Decoder, "head", spy)
+    decoder = tiny_decoder(14, seed=5, n_positions=24)
+    for rows, kwargs, want in ((1, {}, False), (2, {}, True), (1, {"num_beams": 3}, True), (17, {}, False),
+                               (2, {"jit_compile": False}, False), (2, {"precision": "bfloat16-head"}, False)):
+        seen.clear()
+        generate(decoder, rng.integers(0, 14, (rows, 2)), max_new_tokens=3, **kwargs)
+        # The steps' heads (the prefill's logits are unused; its head may take the plain table).
+        assert seen and (True in seen) == want, (rows, kwargs, seen)
 
 
 # -- sampling ---------------------------------------------------------------------------------

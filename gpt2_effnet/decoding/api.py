@@ -108,10 +108,12 @@ def decode_function(
     decode_model = DecodeModel(decoder, use_cache=use_cache, compile_step=compile_step, specials=specials)
     repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
 
-    def decode(prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any) -> dict[str, Any]:
+    def decode(
+        prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any, transposed: bool
+    ) -> dict[str, Any]:
         settings = config if values is None else RuntimeSettings(config, values)
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
-        decode_model.head_tables = tables
+        decode_model.head_tables, decode_model.head_transposed = tables, transposed
         if config.num_beams > 1:
             return beam_loop(decode_model, prompt, image_kv, settings, seed)
         return token_loop(decode_model, prompt, image_kv, seed, settings)
@@ -123,8 +125,11 @@ def decode_function(
         if images is not None:
             image_kv = captioner.encode_images(images, training=False, backbone_precision=config.backbone_precision)
             image_kv = ops.cast(image_kv, decoder.compute_dtype)
-        tables = head_tables(decoder, config.precision)
-        return wrapped(prompt.shape[0] * repeats, prompt, image_kv, seed, prompt_mask, values, tables)
+        rows = prompt.shape[0] * repeats
+        # A [W, V] copy of the head's table where the loop multiplies it faster (float32 only).
+        transposed = config.precision == "float32" and wrapped.transposed_head(rows)
+        tables = head_tables(decoder, config.precision, transposed)
+        return wrapped(rows, prompt, image_kv, seed, prompt_mask, values, tables, transposed)
 
     return run
 

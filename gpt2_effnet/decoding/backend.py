@@ -20,6 +20,14 @@ import keras
 # step measured 0.97x / 0.95x at 32 / 96 rows of GPT-2 124M) with only the token choice
 # as an XLA program (`step_compiler`).
 XLA_STEP_MAX_ROWS = 16
+# Inside that XLA loop the output head multiplies a copy of the token table transposed to
+# [W, V] once per call, from this many rows: XLA's CPU dot reads the [V, W] table, as
+# `hidden @ table^T`, at about two thirds of the speed (seed configuration, 12 rows: the
+# head's dot 3.05 -> 1.9 ms a step, the beam call 1.14x; GPT-2 124M at 2 / 3 / 12 rows:
+# 1.09-1.11x / 1.03x / 1.05-1.06x with the transpose's 11 ms counted; AMD EPYC, 2 cores).
+# At one row the two layouts tie, and in the graph loop (oneDNN's matmul, 32 and 96 rows
+# of 124M) the transposed one gained nothing (0.96-1.02x).
+TRANSPOSED_HEAD_MIN_ROWS = 2
 JitSetting = bool | str
 
 
@@ -58,9 +66,19 @@ def loop_compiler(
     a loop of at most ``max_xla_rows`` rows runs as ``tf.function(jit_compile=True)``,
     an XLA program called from the plain graph that encoded the images: XLA then runs the
     steps back to back, without the graph executor's per-step launches and hand-offs.
+    ``wrap(fn).transposed_head(rows)``: whether that loop multiplies the output head by a
+    ``[W, V]`` copy of the table (see :data:`TRANSPOSED_HEAD_MIN_ROWS`).
     """
     if not cpu_split(jit_compile, compile):
-        return lambda fn: lambda rows, *args: fn(*args)
+
+        def plain(fn: Callable[..., Any]) -> Callable[..., Any]:
+            def loop(rows: int, *args: Any) -> Any:
+                return fn(*args)
+
+            loop.transposed_head = lambda rows: False  # type: ignore[attr-defined]
+            return loop
+
+        return plain
     import tensorflow as tf
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -70,6 +88,7 @@ def loop_compiler(
             return xla(*args) if rows <= max_xla_rows else fn(*args)
 
         loop.xla = xla  # type: ignore[attr-defined]
+        loop.transposed_head = lambda rows: TRANSPOSED_HEAD_MIN_ROWS <= rows <= max_xla_rows  # type: ignore[attr-defined]
         return loop
 
     return wrap

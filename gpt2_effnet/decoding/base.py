@@ -219,6 +219,7 @@ class DecodeModel:
         self.specials = specials
         # A low-precision head (precision.head_tables), set inside each traced program, or None.
         self.head_tables: tuple | None = None
+        self.head_transposed = False  # the head_tables are float32 [W, V] copies (precision.head_tables)
         # The one-token cached call, as its own program where that is faster (XLA on a CPU).
         self._cached_call = (compile_step or (lambda fn: fn))(self._cached_call_inline)
         self.key_ok: Any = None  # [rows, total] bool: False on left padding (set_prompt_mask)
@@ -308,7 +309,8 @@ class DecodeModel:
             # (a keyword tensor) to the layer's float32 compute dtype on the way in.
             hidden = self.decoder.hidden_states(prefix, image_kv=image_kv, padding_mask=key_ok,
                                                 position_ids=self._positions(0, length), training=False)
-            logits = self.decoder.head(hidden, tables=self.head_tables, specials=self.specials)
+            logits = self.decoder.head(hidden, tables=self.head_tables, specials=self.specials,
+                                       transposed=self.head_transposed)
             logits = logits[:, -1]
             return (logits if select is None else select(logits, *select_args)), cache
         last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
@@ -332,6 +334,7 @@ class DecodeModel:
             last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
             head_tables=self.head_tables, cache_rows=parents, specials=self.specials,
             cache_in_place=True,  # the loop hands each step's cache to the next step only
+            head_transposed=self.head_transposed,
         )
         logits = logits[:, 0]
         return (logits if select is None else select(logits, *select_args)), cache
