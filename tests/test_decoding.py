@@ -165,13 +165,14 @@ def test_compiled_loop_equals_eager_loop(rng) -> None:
         np.testing.assert_allclose(compiled.scores, eager.scores, atol=1e-4)
 
 
-def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rng) -> None:
+def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rng, monkeypatch) -> None:
     """jit_compile="auto" on a CPU: up to XLA_STEP_MAX_ROWS rows, everything after the image
     encoder is one XLA program called from the plain graph; more rows keep a graph loop
     whose token choice alone is an XLA program. Both must decode what the plain-graph
     loop (jit_compile=False) and the eager loop do."""
     import keras
 
+    from gpt2_effnet.decoding import backend
     from gpt2_effnet.decoding.backend import (
         XLA_STEP_MAX_ROWS,
         loop_compiler,
@@ -211,10 +212,16 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
             graph_loop = loop_compiler("auto", max_xla_rows=0)(twice)
             np.testing.assert_array_equal(np.asarray(graph_loop(1, tf.ones((1, 2)))), 2.0)
             assert graph_loop.xla.experimental_get_tracing_count() == 0
-            # The XLA loop's head multiplies a [W, V] copy of the table from 2 rows; a graph loop never.
+            # The XLA loop's head multiplies a [W, V] copy of the table from 2 rows on a CPU
+            # where that is faster (AMD's, or forced); else, and in a graph loop, never.
             sizes = (1, 2, XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1)
-            assert [loop.transposed_head(rows) for rows in sizes] == [False, True, True, False]
-            assert not any(graph_loop.transposed_head(rows) for rows in sizes)
+            for vendor, forced, want in (("AuthenticAMD", None, True), ("GenuineIntel", None, False),
+                                         ("", None, False), ("GenuineIntel", True, True), ("AuthenticAMD", False, False)):
+                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
+                monkeypatch.setattr(backend, "TRANSPOSED_HEAD", forced)
+                assert [loop.transposed_head(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
+                assert not any(graph_loop.transposed_head(rows) for rows in sizes)
+            monkeypatch.undo()
     for setting in (False, True):
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
         plain = loop_compiler(setting)(twice)
@@ -247,7 +254,7 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
     checked against the graph and eager loops in the test above)."""
     import keras
 
-    from gpt2_effnet.decoding import precision
+    from gpt2_effnet.decoding import backend, precision
     from gpt2_effnet.decoding.backend import cpu_split
 
     config = GPT2Config(vocab_size=14, n_positions=16, n_embd=16, n_layer=1, n_head=2)
@@ -280,6 +287,7 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
         return head(self, hidden, *args, **kwargs)
 
     monkeypatch.setattr(GPT2Decoder, "head", spy)
+    monkeypatch.setattr(backend, "TRANSPOSED_HEAD", True)  # whatever this CPU is
     decoder = tiny_decoder(14, seed=5, n_positions=24)
     for rows, kwargs, want in ((1, {}, False), (2, {}, True), (1, {"num_beams": 3}, True), (17, {}, False),
                                (2, {"jit_compile": False}, False), (2, {"precision": "bfloat16-head"}, False)):
@@ -287,6 +295,12 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
         generate(decoder, rng.integers(0, 14, (rows, 2)), max_new_tokens=3, **kwargs)
         # The steps' heads (the prefill's logits are unused; its head may take the plain table).
         assert seen and (True in seen) == want, (rows, kwargs, seen)
+    # Where the copy is not the faster layout, the 2-row loop multiplies the table as it lies.
+    monkeypatch.setattr(backend, "TRANSPOSED_HEAD", False)
+    decoder = tiny_decoder(14, seed=5, n_positions=24)
+    seen.clear()
+    generate(decoder, rng.integers(0, 14, (2, 2)), max_new_tokens=3)
+    assert seen and True not in seen, seen
 
 
 # -- sampling ---------------------------------------------------------------------------------

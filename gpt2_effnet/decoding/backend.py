@@ -7,6 +7,7 @@ the per-step Python and host round-trips that made the seed's beam search slow.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import keras
@@ -20,14 +21,19 @@ import keras
 # step measured 0.97x / 0.95x at 32 / 96 rows of GPT-2 124M) with only the token choice
 # as an XLA program (`step_compiler`).
 XLA_STEP_MAX_ROWS = 16
-# Inside that XLA loop the output head multiplies a copy of the token table transposed to
-# [W, V] once per call, from this many rows: XLA's CPU dot reads the [V, W] table, as
+# Inside that XLA loop (2 to XLA_STEP_MAX_ROWS rows) the output head may multiply a copy of
+# the token table transposed to [W, V] once per call, on the CPUs where that measured
+# faster. They disagree. AMD EPYC (Zen 5): XLA's dot read the [V, W] table, as
 # `hidden @ table^T`, at about two thirds of the speed (seed configuration, 12 rows: the
-# head's dot 3.05 -> 1.9 ms a step, the beam call 1.14x; GPT-2 124M at 2 / 3 / 12 rows:
-# 1.09-1.11x / 1.03x / 1.05-1.06x with the transpose's 11 ms counted; AMD EPYC, 2 cores).
-# At one row the two layouts tie, and in the graph loop (oneDNN's matmul, 32 and 96 rows
-# of 124M) the transposed one gained nothing (0.96-1.02x).
+# head 3.05 -> 1.9 ms a step, the beam call 1.11-1.14x; GPT-2 124M beam 3 at batch 1 1.16x,
+# the copy counted). Intel Xeon (AMX): the [W, V] dot is the slow one (124M at 3 rows,
+# ~15 vs 5.8 ms a step), and the copy cost the whole call 10-20 % (124M beam 3 at batch 1
+# 0.83x, greedy at batch 4 0.82x, the seed's beam 0.91x). At one row the layouts tie on
+# both, and in the graph loop (oneDNN's matmul) the copy gained nothing (0.96-1.02x, AMD).
 TRANSPOSED_HEAD_MIN_ROWS = 2
+TRANSPOSED_HEAD_VENDORS = ("AuthenticAMD",)
+# None: by the CPU's maker (above); True / False: that layout wherever the rows allow it.
+TRANSPOSED_HEAD: bool | None = None
 JitSetting = bool | str
 
 
@@ -67,7 +73,8 @@ def loop_compiler(
     an XLA program called from the plain graph that encoded the images: XLA then runs the
     steps back to back, without the graph executor's per-step launches and hand-offs.
     ``wrap(fn).transposed_head(rows)``: whether that loop multiplies the output head by a
-    ``[W, V]`` copy of the table (see :data:`TRANSPOSED_HEAD_MIN_ROWS`).
+    ``[W, V]`` copy of the table (rows from :data:`TRANSPOSED_HEAD_MIN_ROWS`, on a CPU where
+    that is faster: :func:`transposed_head_faster`).
     """
     if not cpu_split(jit_compile, compile):
 
@@ -87,11 +94,42 @@ def loop_compiler(
         def loop(rows: int, *args: Any) -> Any:
             return xla(*args) if rows <= max_xla_rows else fn(*args)
 
+        def transposed_head(rows: int) -> bool:
+            return TRANSPOSED_HEAD_MIN_ROWS <= rows <= max_xla_rows and transposed_head_faster()
+
         loop.xla = xla  # type: ignore[attr-defined]
-        loop.transposed_head = lambda rows: TRANSPOSED_HEAD_MIN_ROWS <= rows <= max_xla_rows  # type: ignore[attr-defined]
+        loop.transposed_head = transposed_head  # type: ignore[attr-defined]
         return loop
 
     return wrap
+
+
+def transposed_head_faster() -> bool:
+    """Whether the ``[W, V]`` copy of the head's table is the faster layout on this CPU:
+    :data:`TRANSPOSED_HEAD` where set, else whether its maker is one of
+    :data:`TRANSPOSED_HEAD_VENDORS`.
+
+    A rule by maker, because a timing of the two products alone, tried first, put the copy
+    ahead where the whole call was slower with it (Intel Xeon, the seed's shape at 12 rows:
+    2.40 vs 3.09 ms a product in a loop of products alone, where the 51 MB table can stay in
+    cache; the beam call 0.91x), and it added 0.25-0.7 s to each new program."""
+    if TRANSPOSED_HEAD is not None:
+        return TRANSPOSED_HEAD
+    return cpu_vendor() in TRANSPOSED_HEAD_VENDORS
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """``vendor_id`` from ``/proc/cpuinfo`` ("GenuineIntel", "AuthenticAMD"), or "" where
+    there is none (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def step_compiler(

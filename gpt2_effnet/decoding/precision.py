@@ -69,7 +69,7 @@ def decoder_in(decoder: Any, precision: str) -> Any:
 
 def head_tables(decoder: Any, precision: str, transposed: bool = False) -> tuple | None:
     """For ``"bfloat16-head"``: ``decoder.head_tables()`` cast to bfloat16; with ``transposed``
-    (float32 only): the tables as ``[W, V]`` (see ``backend.transposed_head``); else None.
+    (float32 only): the tables as ``[W, V]`` (see ``backend.transposed_head_faster``); else None.
 
     Called inside the decode program, so the copy (the bfloat16 cast: 2.7 ms for 50258 x 256;
     the transpose: ~4 ms, 11 ms for GPT-2 124M's table) always reads the model's current
