@@ -21,7 +21,9 @@ buffers in place (:func:`fast_ops.write_slot`) rather than copying them; XLA doe
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -35,15 +37,51 @@ _MASK_VALUE = -1e9
 
 class Dense(keras.layers.Dense):
     """``keras.layers.Dense`` whose one-row product (a decode step at batch 1) takes
-    :func:`fast_ops.one_row_matmul`; same weights, names and results up to summation order."""
+    :func:`fast_ops.one_row_matmul`, and which multiplies an ``[N, K]`` copy of its kernel
+    while a decode program that made one is traced (:func:`kernel_copies`); same weights,
+    names and results up to summation order."""
+
+    _kernel_copy: Any = None
 
     def call(self, inputs: Any, training: bool | None = None) -> Any:
-        out = None if self.quantization_mode or self.lora_enabled else one_row_matmul(inputs, self.kernel)
+        out = None
+        if not (self.quantization_mode or self.lora_enabled):
+            if self._kernel_copy is not None:
+                out = ops.einsum("...k,nk->...n", inputs, self._kernel_copy)
+            else:
+                out = one_row_matmul(inputs, self.kernel)
         if out is None:
             return super().call(inputs, training=training)
         if self.bias is not None:
             out = ops.add(out, self.bias)
         return out if self.activation is None else self.activation(out)
+
+
+def dense_layers(model: Any) -> list[Dense]:
+    """The model's :class:`Dense` layers, in a fixed order (the model's own)."""
+    return [layer for layer in model._flatten_layers() if isinstance(layer, Dense)]
+
+
+def transposed_kernels(model: Any) -> tuple[Any, ...]:
+    """``[N, K]`` copies of the kernels of :func:`dense_layers`, for :func:`kernel_copies`."""
+    return tuple(ops.transpose(layer.kernel) for layer in dense_layers(model))
+
+
+@contextlib.contextmanager
+def kernel_copies(model: Any, kernels: tuple[Any, ...] | None) -> Iterator[None]:
+    """While tracing inside this block, the model's Dense layers multiply ``kernels`` (from
+    :func:`transposed_kernels`, made in the same program) instead of their kernels; None
+    changes nothing. The copies are the traced program's tensors: none outlives it."""
+    layers = dense_layers(model) if kernels is not None else []
+    if kernels is not None and len(kernels) != len(layers):
+        raise ValueError(f"{len(kernels)} kernel copies for {len(layers)} Dense layers")
+    for layer, kernel in zip(layers, kernels or ()):
+        object.__setattr__(layer, "_kernel_copy", kernel)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            object.__setattr__(layer, "_kernel_copy", None)
 
 
 def attend(query: Any, key: Any, value: Any, mask: Any | None = None, return_weights: bool = False) -> Any:

@@ -175,6 +175,7 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
     from gpt2_effnet.decoding import backend
     from gpt2_effnet.decoding.backend import (
         XLA_STEP_MAX_ROWS,
+        XLA_WIDE_MAX_ROWS,
         loop_compiler,
         step_compiler,
     )
@@ -221,6 +222,25 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
                 monkeypatch.setattr(backend, "TRANSPOSED_HEAD", forced)
                 assert [loop.transposed_head(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
                 assert not any(graph_loop.transposed_head(rows) for rows in sizes)
+            monkeypatch.undo()
+            # Intel: a float32 loop of 17-96 rows is an XLA program too, with [N, K] kernel copies.
+            wide = loop_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(twice)
+            wide_step = step_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(plus_one)
+            sizes = (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1, XLA_WIDE_MAX_ROWS, XLA_WIDE_MAX_ROWS + 1)
+            cases = (("GenuineIntel", None, True), ("AuthenticAMD", None, False),
+                     ("", None, False), ("AuthenticAMD", True, True), ("GenuineIntel", False, False))
+            for extra, (vendor, forced, want) in enumerate(cases):
+                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
+                monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", forced)
+                assert [wide.transposed_kernels(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
+                assert not any(loop.transposed_kernels(rows) for rows in sizes)  # no wide rows asked for
+                rows = XLA_STEP_MAX_ROWS + 1 + extra  # a new shape: the XLA program traces it anew
+                traced = wide.xla.experimental_get_tracing_count()
+                np.testing.assert_array_equal(np.asarray(wide(rows, tf.ones((rows, 2)))), 2.0)
+                assert wide.xla.experimental_get_tracing_count() == traced + want
+                del choices[:]
+                wide_step(tf.zeros((rows, 2)), select=choose)
+                assert choices == [want]  # inlined into the XLA loop (eager here), or its own program
             monkeypatch.undo()
     for setting in (False, True):
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
@@ -301,6 +321,70 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
     seen.clear()
     generate(decoder, rng.integers(0, 14, (2, 2)), max_new_tokens=3)
     assert seen and True not in seen, seen
+
+
+def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decodes_the_same(rng, monkeypatch) -> None:
+    """layers.kernel_copies: while set, every Dense layer multiplies its [N, K] copy (same
+    outputs as its kernel), and nothing is left set after. With the copies forced on
+    (backend.TRANSPOSED_KERNELS; Intel CPUs take them by default), a float32 loop of 17-96
+    rows is one XLA program multiplying them: same tokens and scores as the graph and
+    eager loops, greedy, beam and sampling."""
+    import keras
+
+    from gpt2_effnet import layers
+    from gpt2_effnet.decoding import backend
+    from gpt2_effnet.decoding.backend import cpu_split
+
+    decoder = tiny_decoder(14, seed=5, n_positions=24)
+    ids = rng.integers(0, 14, (3, 4))
+    want = np.asarray(decoder(ids))
+    copies = layers.transposed_kernels(decoder)
+    dense = layers.dense_layers(decoder)
+    assert len(copies) == len(dense) == 4 * decoder.gpt2_config.n_layer
+    for layer, copy in zip(dense, copies):
+        assert tuple(copy.shape) == tuple(layer.kernel.shape)[::-1]
+    with layers.kernel_copies(decoder, copies):
+        assert all(layer._kernel_copy is not None for layer in dense)
+        # Copies that differ from the kernels show that the layers read them.
+        with layers.kernel_copies(decoder, tuple(copy * 2.0 for copy in copies)):
+            doubled = np.asarray(decoder(ids))
+        assert not np.allclose(doubled, want, atol=1e-3)
+    with layers.kernel_copies(decoder, copies):
+        np.testing.assert_allclose(np.asarray(decoder(ids)), want, rtol=1e-5, atol=1e-5)
+    assert all(layer._kernel_copy is None for layer in dense)
+    with pytest.raises(ValueError, match="kernel copies"):
+        with layers.kernel_copies(decoder, copies[:-1]):
+            pass
+
+    if not cpu_split("auto") or keras.backend.backend() != "tensorflow":
+        return
+    seen = []
+    call = layers.Dense.call
+
+    def spy(self, inputs, *args, **kwargs):
+        seen.append(self._kernel_copy is not None)
+        return call(self, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(layers.Dense, "call", spy)
+    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", True)
+    wide = rng.integers(0, 14, (18, 2))
+    for prompts, kwargs in ((wide, {}), (wide[:6], dict(num_beams=3)), (wide, dict(do_sample=True, top_k=5, seed=3))):
+        common = dict(max_new_tokens=6, eos_token_id=3, return_scores=True, **kwargs)
+        decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under the spy
+        seen.clear()
+        auto = generate(decoder, prompts, **common)
+        assert seen and all(seen), kwargs  # every product traced took its copy
+        graph = generate(decoder, prompts, jit_compile=False, **common)
+        eager = generate(decoder, prompts, compile=False, **common)
+        for other in (graph, eager):
+            np.testing.assert_array_equal(auto.sequences, other.sequences)
+            np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+    # Below 17 rows, and for a bfloat16 head, the kernels are multiplied as stored.
+    for prompts, kwargs in ((wide[:4], {}), (wide, dict(precision="bfloat16-head"))):
+        decoder = tiny_decoder(14, seed=5, n_positions=24)
+        seen.clear()
+        generate(decoder, prompts, max_new_tokens=3, **kwargs)
+        assert seen and not any(seen), kwargs
 
 
 # -- sampling ---------------------------------------------------------------------------------

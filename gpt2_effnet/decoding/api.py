@@ -16,8 +16,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from keras import ops
 
+from ..layers import kernel_copies, transposed_kernels
 from .backend import (
     XLA_STEP_MAX_ROWS,
+    XLA_WIDE_MAX_ROWS,
     JitSetting,
     compile_loop,
     loop_compiler,
@@ -81,8 +83,11 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
     # the log-softmax and argmax took 7 ms a step in the graph. Without the cache (checks,
     # the benchmark's baseline) the loop is unrolled: it stays a graph too.
     xla_rows = 0 if config.precision == "bfloat16" else XLA_STEP_MAX_ROWS
-    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile, xla_rows),
-                          compile_decode=loop_compiler(jit, compile and use_cache, xla_rows))
+    # Wider float32 loops as XLA programs with [N, K] kernel copies, where the CPU gains
+    # (backend.XLA_WIDE_MAX_ROWS); a bfloat16 head stays out (XLA's bfloat16 dot is slow).
+    wide_rows = XLA_WIDE_MAX_ROWS if config.precision == "float32" else 0
+    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile, xla_rows, wide_rows),
+                          compile_decode=loop_compiler(jit, compile and use_cache, xla_rows, wide_rows))
     programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
     return programs[key]
 
@@ -109,14 +114,16 @@ def decode_function(
     repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
 
     def decode(
-        prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any, transposed: bool
+        prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any, transposed: bool,
+        kernels: Any,
     ) -> dict[str, Any]:
         settings = config if values is None else RuntimeSettings(config, values)
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
         decode_model.head_tables, decode_model.head_transposed = tables, transposed
-        if config.num_beams > 1:
-            return beam_loop(decode_model, prompt, image_kv, settings, seed)
-        return token_loop(decode_model, prompt, image_kv, seed, settings)
+        with kernel_copies(decoder, kernels):
+            if config.num_beams > 1:
+                return beam_loop(decode_model, prompt, image_kv, settings, seed)
+            return token_loop(decode_model, prompt, image_kv, seed, settings)
 
     wrapped = (compile_decode or loop_compiler(False))(decode)  # False: called as it is
 
@@ -129,7 +136,9 @@ def decode_function(
         # A [W, V] copy of the head's table where the loop multiplies it faster (float32 only).
         transposed = config.precision == "float32" and wrapped.transposed_head(rows)
         tables = head_tables(decoder, config.precision, transposed)
-        return wrapped(rows, prompt, image_kv, seed, prompt_mask, values, tables, transposed)
+        # [N, K] copies of the block kernels, made here in the graph (XLA's transposes are slower).
+        kernels = transposed_kernels(decoder) if wrapped.transposed_kernels(rows) else None
+        return wrapped(rows, prompt, image_kv, seed, prompt_mask, values, tables, transposed, kernels)
 
     return run
 

@@ -34,6 +34,19 @@ TRANSPOSED_HEAD_MIN_ROWS = 2
 TRANSPOSED_HEAD_VENDORS = ("AuthenticAMD",)
 # None: by the CPU's maker (above); True / False: that layout wherever the rows allow it.
 TRANSPOSED_HEAD: bool | None = None
+# Intel Xeon (AMX): above XLA_STEP_MAX_ROWS float32 rows, up to XLA_WIDE_MAX_ROWS, the loop
+# is one XLA program too, its block products taking [N, K] copies of the kernels made once
+# per call in the graph (`hidden @ copy^T`; layers.kernel_copies). XLA's dot at 32 rows read
+# the stored [K, N] kernels slowly (GPT-2 124M, a layer's four products 4.02 ms, 2.94 in
+# oneDNN's graph matmul, 2.57 with the copies), and the graph loop pays for hundreds of small
+# ops a step: 124M at batch 32 greedy / nucleus / beam 3 (96 rows) 1.18-1.20x, same tokens,
+# the copies (340 MB) counted. The XLA loop at 32 rows without the copies was 0.92x, and
+# with copies made inside the XLA program 0.98x (XLA's transposes are slow); at 3-12 rows
+# the copies cost 0.96x, so the smaller loop keeps the kernels as stored. Not measured on
+# other CPUs, so only Intel takes it.
+XLA_WIDE_MAX_ROWS = 96
+TRANSPOSED_KERNEL_VENDORS = ("GenuineIntel",)
+TRANSPOSED_KERNELS: bool | None = None  # None: by the CPU's maker; True / False: forced
 JitSetting = bool | str
 
 
@@ -64,7 +77,7 @@ def cpu_split(jit_compile: JitSetting, compile: bool = True) -> bool:
 
 
 def loop_compiler(
-    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS
+    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS, wide_max_rows: int = 0
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """How the decode loop (everything after the image encoder) is wrapped inside the program.
 
@@ -74,7 +87,10 @@ def loop_compiler(
     steps back to back, without the graph executor's per-step launches and hand-offs.
     ``wrap(fn).transposed_head(rows)``: whether that loop multiplies the output head by a
     ``[W, V]`` copy of the table (rows from :data:`TRANSPOSED_HEAD_MIN_ROWS`, on a CPU where
-    that is faster: :func:`transposed_head_faster`).
+    that is faster: :func:`transposed_head_faster`). ``wrap(fn).transposed_kernels(rows)``:
+    whether a loop of more than ``max_xla_rows`` rows, up to ``wide_max_rows``, is an XLA
+    program too, multiplying ``[N, K]`` copies of the block kernels (see
+    :data:`XLA_WIDE_MAX_ROWS`).
     """
     if not cpu_split(jit_compile, compile):
 
@@ -83,6 +99,7 @@ def loop_compiler(
                 return fn(*args)
 
             loop.transposed_head = lambda rows: False  # type: ignore[attr-defined]
+            loop.transposed_kernels = lambda rows: False  # type: ignore[attr-defined]
             return loop
 
         return plain
@@ -92,13 +109,14 @@ def loop_compiler(
         xla = tf.function(fn, jit_compile=True, autograph=False)
 
         def loop(rows: int, *args: Any) -> Any:
-            return xla(*args) if rows <= max_xla_rows else fn(*args)
+            return xla(*args) if rows <= max_xla_rows or _wide(rows, max_xla_rows, wide_max_rows) else fn(*args)
 
         def transposed_head(rows: int) -> bool:
             return TRANSPOSED_HEAD_MIN_ROWS <= rows <= max_xla_rows and transposed_head_faster()
 
         loop.xla = xla  # type: ignore[attr-defined]
         loop.transposed_head = transposed_head  # type: ignore[attr-defined]
+        loop.transposed_kernels = lambda rows: _wide(rows, max_xla_rows, wide_max_rows)  # type: ignore[attr-defined]
         return loop
 
     return wrap
@@ -118,6 +136,19 @@ def transposed_head_faster() -> bool:
     return cpu_vendor() in TRANSPOSED_HEAD_VENDORS
 
 
+def transposed_kernels_faster() -> bool:
+    """Whether a wide float32 loop runs as XLA with ``[N, K]`` kernel copies on this CPU:
+    :data:`TRANSPOSED_KERNELS` where set, else whether its maker is one of
+    :data:`TRANSPOSED_KERNEL_VENDORS`."""
+    if TRANSPOSED_KERNELS is not None:
+        return TRANSPOSED_KERNELS
+    return cpu_vendor() in TRANSPOSED_KERNEL_VENDORS
+
+
+def _wide(rows: int | None, max_xla_rows: int, wide_max_rows: int) -> bool:
+    return rows is not None and max_xla_rows < rows <= wide_max_rows and transposed_kernels_faster()
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_vendor() -> str:
     """``vendor_id`` from ``/proc/cpuinfo`` ("GenuineIntel", "AuthenticAMD"), or "" where
@@ -133,13 +164,14 @@ def cpu_vendor() -> str:
 
 
 def step_compiler(
-    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS
+    jit_compile: JitSetting, compile: bool = True, max_xla_rows: int = XLA_STEP_MAX_ROWS, wide_max_rows: int = 0
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """How the decode step (one cached model call, rows first) is wrapped inside the loop.
 
     On the CPU split, a step of more than ``max_xla_rows`` rows stays in the graph loop
     but its token choice (``select``) runs as an XLA program; a smaller step is inlined,
-    since its whole loop is one XLA program already (:func:`loop_compiler`).
+    since its whole loop is one XLA program already (:func:`loop_compiler`; so is a wide
+    loop's step, up to ``wide_max_rows`` where the CPU takes it).
     Everywhere else the step is inlined into the loop's own program (JAX jits the loop;
     PyTorch runs eagerly; a whole-loop XLA program needs no second one; ``False`` keeps
     XLA out, as a SavedModel for TF Serving must: its CPU build refuses XLA programs by
@@ -152,7 +184,7 @@ def step_compiler(
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def step(rows_first: Any, *rest: Any, select: Callable[..., Any] | None = None, select_args: tuple = ()) -> Any:
             rows = rows_first.shape[0]
-            if rows is not None and rows <= max_xla_rows:
+            if rows is not None and (rows <= max_xla_rows or _wide(rows, max_xla_rows, wide_max_rows)):
                 return fn(rows_first, *rest, select=select, select_args=select_args)
             # A larger step stays in the graph, but its token choice (top-k / top-p over
             # the whole vocabulary) is still faster as an XLA program: GPT-2 124M nucleus
