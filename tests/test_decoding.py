@@ -323,7 +323,9 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
     assert seen and True not in seen, seen
 
 
-def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decodes_the_same(rng, monkeypatch) -> None:
+def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decodes_the_same(
+    rng, monkeypatch, captioner
+) -> None:
     """layers.kernel_copies: while set, every Dense layer multiplies its [N, K] copy (same
     outputs as its kernel), and nothing is left set after. With the copies forced on
     (backend.TRANSPOSED_KERNELS; Intel CPUs take them by default), a float32 loop of 17-96
@@ -379,6 +381,12 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
         for other in (graph, eager):
             np.testing.assert_array_equal(auto.sequences, other.sequences)
             np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+    # A captioner's loop too (its cross-attention's layers included): 6 images x 3 beams.
+    images = rng.uniform(0, 255, (6, 64, 64, 3)).astype("float32")
+    seen.clear()
+    fast = generate_captions(captioner, images, eos_token_id=0, num_beams=3)
+    assert True in seen
+    np.testing.assert_array_equal(fast, generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False))
     # Below 17 rows, and for a bfloat16 head, the kernels are multiplied as stored.
     for prompts, kwargs in ((wide[:4], {}), (wide, dict(precision="bfloat16-head"))):
         decoder = tiny_decoder(14, seed=5, n_positions=24)
