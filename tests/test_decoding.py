@@ -354,9 +354,8 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     with layers.kernel_copies(decoder, copies):
         np.testing.assert_allclose(np.asarray(decoder(ids)), want, rtol=1e-5, atol=1e-5)
     assert all(layer._kernel_copy is None for layer in dense)
-    with pytest.raises(ValueError, match="kernel copies"):
-        with layers.kernel_copies(decoder, copies[:-1]):
-            pass
+    with pytest.raises(ValueError, match="kernel copies"), layers.kernel_copies(decoder, copies[:-1]):
+        pass
 
     if not cpu_split("auto") or keras.backend.backend() != "tensorflow":
         return
@@ -370,8 +369,8 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     monkeypatch.setattr(layers.Dense, "call", spy)
     monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", True)
     wide = rng.integers(0, 14, (18, 2))
-    for prompts, kwargs in ((wide, {}), (wide[:6], dict(num_beams=3)), (wide, dict(do_sample=True, top_k=5, seed=3))):
-        common = dict(max_new_tokens=6, eos_token_id=3, return_scores=True, **kwargs)
+    for prompts, kwargs in ((wide, {}), (wide[:6], {"num_beams": 3}), (wide, {"do_sample": True, "top_k": 5, "seed": 3})):
+        common = {"max_new_tokens": 6, "eos_token_id": 3, "return_scores": True, **kwargs}
         decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under the spy
         seen.clear()
         auto = generate(decoder, prompts, **common)
@@ -388,7 +387,7 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     assert True in seen
     np.testing.assert_array_equal(fast, generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False))
     # Below 17 rows, and for a bfloat16 head, the kernels are multiplied as stored.
-    for prompts, kwargs in ((wide[:4], {}), (wide, dict(precision="bfloat16-head"))):
+    for prompts, kwargs in ((wide[:4], {}), (wide, {"precision": "bfloat16-head"})):
         decoder = tiny_decoder(14, seed=5, n_positions=24)
         seen.clear()
         generate(decoder, prompts, max_new_tokens=3, **kwargs)
