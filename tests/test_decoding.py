@@ -386,12 +386,23 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     fast = generate_captions(captioner, images, eos_token_id=0, num_beams=3)
     assert True in seen
     np.testing.assert_array_equal(fast, generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False))
-    # Below 17 rows, and for a bfloat16 head, the kernels are multiplied as stored.
-    for prompts, kwargs in ((wide[:4], {}), (wide, {"precision": "bfloat16-head"})):
+    # Below 17 rows, for a bfloat16 head, and for a model whose copies would exceed the
+    # memory allowed them, the kernels are multiplied as stored.
+    need = 4 * sum(int(np.prod(layer.kernel.shape)) for layer in layers.dense_layers(decoder))  # float32 copies
+    assert need == 4 * 2 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16)
+    for prompts, kwargs, max_bytes in ((wide[:4], {}, None), (wide, {"precision": "bfloat16-head"}, None),
+                                       (wide, {}, need - 1)):
+        if max_bytes is not None:
+            monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", max_bytes)
         decoder = tiny_decoder(14, seed=5, n_positions=24)
         seen.clear()
         generate(decoder, prompts, max_new_tokens=3, **kwargs)
         assert seen and not any(seen), kwargs
+    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", need)  # exactly enough
+    decoder = tiny_decoder(14, seed=5, n_positions=24)
+    seen.clear()
+    generate(decoder, wide, max_new_tokens=3)
+    assert seen and all(seen)
 
 
 # -- sampling ---------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ TRANSPOSED_HEAD: bool | None = None
 # the copies cost 0.96x, so the smaller loop keeps the kernels as stored. Not measured on
 # other CPUs, so only Intel takes it.
 XLA_WIDE_MAX_ROWS = 96
+# The copies live for a call beside the weights: a model whose block kernels take more than
+# this (GPT-2 124M: 340 MB; 355M: ~1.2 GB) keeps the graph loop rather than double them.
+TRANSPOSED_KERNELS_MAX_BYTES = 3 * 2**29
 TRANSPOSED_KERNEL_VENDORS = ("GenuineIntel",)
 TRANSPOSED_KERNELS: bool | None = None  # None: by the CPU's maker; True / False: forced
 JitSetting = bool | str
