@@ -223,24 +223,48 @@ def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rn
                 assert [loop.transposed_head(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
                 assert not any(graph_loop.transposed_head(rows) for rows in sizes)
             monkeypatch.undo()
-            # Intel: a float32 loop of 17-96 rows is an XLA program too, with [N, K] kernel copies.
+            # Intel and AMD: a float32 loop of 17-96 / 17-64 rows is an XLA program too; Intel's
+            # multiplies [N, K] kernel copies, AMD's the kernels as stored.
             wide = loop_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(twice)
             wide_step = step_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(plus_one)
-            sizes = (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1, XLA_WIDE_MAX_ROWS, XLA_WIDE_MAX_ROWS + 1)
-            cases = (("GenuineIntel", None, True), ("AuthenticAMD", None, False),
-                     ("", None, False), ("AuthenticAMD", True, True), ("GenuineIntel", False, False))
-            for extra, (vendor, forced, want) in enumerate(cases):
+            amd = backend.XLA_WIDE_VENDOR_ROWS["AuthenticAMD"]
+            assert XLA_STEP_MAX_ROWS < amd < XLA_WIDE_MAX_ROWS == backend.XLA_WIDE_VENDOR_ROWS["GenuineIntel"]
+            sizes = (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1, amd, amd + 1, XLA_WIDE_MAX_ROWS, XLA_WIDE_MAX_ROWS + 1)
+            # vendor, forced rows, forced copies -> rows of the wide loop, copies
+            cases = (("GenuineIntel", None, None, XLA_WIDE_MAX_ROWS, True), ("AuthenticAMD", None, None, amd, False),
+                     ("", None, None, 0, False), ("", 40, None, 40, False), ("", 1000, True, XLA_WIDE_MAX_ROWS, True),
+                     ("AuthenticAMD", None, True, amd, True), ("GenuineIntel", None, False, XLA_WIDE_MAX_ROWS, False),
+                     ("GenuineIntel", 0, None, 0, False), ("AuthenticAMD", 0, True, 0, False))
+            for extra, (vendor, forced_rows, forced_copies, limit, copies) in enumerate(cases):
                 monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
-                monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", forced)
-                assert [wide.transposed_kernels(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
+                monkeypatch.setattr(backend, "XLA_WIDE_ROWS", forced_rows)
+                monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", forced_copies)
+                case = (vendor, forced_rows, forced_copies)
+                want = [copies and XLA_STEP_MAX_ROWS < rows <= limit for rows in sizes]
+                assert [wide.transposed_kernels(rows) for rows in sizes] == want, case
                 assert not any(loop.transposed_kernels(rows) for rows in sizes)  # no wide rows asked for
-                rows = XLA_STEP_MAX_ROWS + 1 + extra  # a new shape: the XLA program traces it anew
-                traced = wide.xla.experimental_get_tracing_count()
-                np.testing.assert_array_equal(np.asarray(wide(rows, tf.ones((rows, 2)))), 2.0)
-                assert wide.xla.experimental_get_tracing_count() == traced + want
-                del choices[:]
-                wide_step(tf.zeros((rows, 2)), select=choose)
-                assert choices == [want]  # inlined into the XLA loop (eager here), or its own program
+                for rows in (XLA_STEP_MAX_ROWS + 1, limit + 1):
+                    if not XLA_STEP_MAX_ROWS < rows <= XLA_WIDE_MAX_ROWS + 1:
+                        continue
+                    xla = XLA_STEP_MAX_ROWS < rows <= limit
+                    shape = (rows, 3 + extra)  # a new shape: the XLA program traces it anew
+                    traced = wide.xla.experimental_get_tracing_count()
+                    np.testing.assert_array_equal(np.asarray(wide(rows, tf.ones(shape))), 2.0)
+                    assert wide.xla.experimental_get_tracing_count() == traced + xla, (case, rows)
+                    del choices[:]
+                    wide_step(tf.zeros(shape), select=choose)
+                    assert choices == [xla], (case, rows)  # inlined into the XLA loop (eager here), or its own program
+            # A wide loop's head takes the [W, V] copy up to TRANSPOSED_HEAD_MAX_ROWS rows where
+            # the CPU favours it; a graph loop of the same rows never does.
+            head_max = backend.TRANSPOSED_HEAD_MAX_ROWS
+            assert XLA_STEP_MAX_ROWS < head_max < XLA_WIDE_MAX_ROWS
+            sizes = (XLA_STEP_MAX_ROWS + 1, head_max, head_max + 1)
+            for vendor, forced_rows, want in (("AuthenticAMD", None, True), ("AuthenticAMD", 0, False),
+                                              ("GenuineIntel", None, False)):
+                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
+                monkeypatch.setattr(backend, "XLA_WIDE_ROWS", forced_rows)
+                assert [wide.transposed_head(rows) for rows in sizes] == [want, want, False], (vendor, forced_rows)
+                assert not any(loop.transposed_head(rows) for rows in sizes)
             monkeypatch.undo()
     for setting in (False, True):
         assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
@@ -270,8 +294,9 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
     """precision.head_tables(transposed=True): float32 [W, V] copies of the head's tables, which
     GPT2Decoder.head multiplies as they lie; same logits as the [V, W] table (specials, a
     restricted output vocabulary, the special column left out). On TensorFlow's CPU split,
-    generate hands them to an XLA loop of 2-16 rows and to no other (the loop's tokens are
-    checked against the graph and eager loops in the test above)."""
+    generate hands them to an XLA loop of 2-48 rows (above 16 only where wide loops are
+    XLA) and to no other; the tests around this one check those loops' tokens against the
+    graph and eager loops."""
     import keras
 
     from gpt2_effnet.decoding import backend, precision
@@ -308,13 +333,19 @@ def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_mu
 
     monkeypatch.setattr(GPT2Decoder, "head", spy)
     monkeypatch.setattr(backend, "TRANSPOSED_HEAD", True)  # whatever this CPU is
-    decoder = tiny_decoder(14, seed=5, n_positions=24)
-    for rows, kwargs, want in ((1, {}, False), (2, {}, True), (1, {"num_beams": 3}, True), (17, {}, False),
-                               (2, {"jit_compile": False}, False), (2, {"precision": "bfloat16-head"}, False)):
+    # 17 prompts decode as 32 rows (the batch's bucket), 33 as 64: a graph loop where wide
+    # XLA loops are off, else an XLA loop whose head takes the copy up to 48 rows.
+    cases = ((1, {}, False, False), (2, {}, False, True), (1, {"num_beams": 3}, False, True), (17, {}, False, False),
+             (17, {}, True, True), (33, {}, True, False), (6, {"num_beams": 3}, True, True),
+             (17, {"num_beams": 3}, True, False), (17, {"precision": "bfloat16-head"}, True, False),
+             (2, {"jit_compile": False}, False, False), (2, {"precision": "bfloat16-head"}, False, False))
+    for rows, kwargs, wide, want in cases:
+        monkeypatch.setattr(backend, "XLA_WIDE_ROWS", backend.XLA_WIDE_MAX_ROWS if wide else 0)
+        decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under these settings
         seen.clear()
         generate(decoder, rng.integers(0, 14, (rows, 2)), max_new_tokens=3, **kwargs)
         # The steps' heads (the prefill's logits are unused; its head may take the plain table).
-        assert seen and (True in seen) == want, (rows, kwargs, seen)
+        assert seen and (True in seen) == want, (rows, kwargs, wide, seen)
     # Where the copy is not the faster layout, the 2-row loop multiplies the table as it lies.
     monkeypatch.setattr(backend, "TRANSPOSED_HEAD", False)
     decoder = tiny_decoder(14, seed=5, n_positions=24)
@@ -327,10 +358,11 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     rng, monkeypatch, captioner
 ) -> None:
     """layers.kernel_copies: while set, every Dense layer multiplies its [N, K] copy (same
-    outputs as its kernel), and nothing is left set after. With the copies forced on
-    (backend.TRANSPOSED_KERNELS; Intel CPUs take them by default), a float32 loop of 17-96
-    rows is one XLA program multiplying them: same tokens and scores as the graph and
-    eager loops, greedy, beam and sampling."""
+    outputs as its kernel), and nothing is left set after. With wide XLA loops forced on
+    (backend.XLA_WIDE_ROWS), a float32 loop of 17-96 rows is one XLA program, multiplying the
+    copies where backend.TRANSPOSED_KERNELS says (Intel CPUs by default) and the stored
+    kernels elsewhere: same tokens and scores as the graph and eager loops, greedy, beam
+    and sampling."""
     import keras
 
     from gpt2_effnet import layers
@@ -367,19 +399,24 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
         return call(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(layers.Dense, "call", spy)
-    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", True)
+    monkeypatch.setattr(backend, "XLA_WIDE_ROWS", backend.XLA_WIDE_MAX_ROWS)
     wide = rng.integers(0, 14, (18, 2))
-    for prompts, kwargs in ((wide, {}), (wide[:6], {"num_beams": 3}), (wide, {"do_sample": True, "top_k": 5, "seed": 3})):
-        common = {"max_new_tokens": 6, "eos_token_id": 3, "return_scores": True, **kwargs}
-        decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under the spy
-        seen.clear()
-        auto = generate(decoder, prompts, **common)
-        assert seen and all(seen), kwargs  # every product traced took its copy
-        graph = generate(decoder, prompts, jit_compile=False, **common)
-        eager = generate(decoder, prompts, compile=False, **common)
-        for other in (graph, eager):
-            np.testing.assert_array_equal(auto.sequences, other.sequences)
-            np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+    # With the copies (Intel's loop) and without (AMD's: the kernels as stored).
+    for copies in (True, False):
+        monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", copies)
+        for prompts, kwargs in ((wide, {}), (wide[:6], {"num_beams": 3}),
+                                (wide, {"do_sample": True, "top_k": 5, "seed": 3})):
+            common = {"max_new_tokens": 6, "eos_token_id": 3, "return_scores": True, **kwargs}
+            decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under the spy
+            seen.clear()
+            auto = generate(decoder, prompts, **common)
+            assert seen and all(seen) == copies and any(seen) == copies, kwargs  # every product, or none
+            graph = generate(decoder, prompts, jit_compile=False, **common)
+            eager = generate(decoder, prompts, compile=False, **common)
+            for other in (graph, eager):
+                np.testing.assert_array_equal(auto.sequences, other.sequences)
+                np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
+    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", True)
     # A captioner's loop too (its cross-attention's layers included): 6 images x 3 beams.
     images = rng.uniform(0, 255, (6, 64, 64, 3)).astype("float32")
     seen.clear()
@@ -403,6 +440,22 @@ def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decode
     seen.clear()
     generate(decoder, wide, max_new_tokens=3)
     assert seen and all(seen)
+    # The memory limit is the copies' alone: a wide loop that multiplies the stored kernels
+    # (AMD's) is asked for whatever the model's size; with copies, only within the limit.
+    from gpt2_effnet.decoding import api
+
+    asked = []
+
+    def compiler(*args, **kwargs):
+        asked.append(args[3])  # wide_max_rows
+        return backend.loop_compiler(*args, **kwargs)
+
+    monkeypatch.setattr(api, "loop_compiler", compiler)
+    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", need - 1)
+    for copies, want in ((False, backend.XLA_WIDE_MAX_ROWS), (True, 0)):
+        monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", copies)
+        generate(tiny_decoder(14, seed=5, n_positions=24), wide, max_new_tokens=3)
+        assert asked[-1] == want, copies
 
 
 # -- sampling ---------------------------------------------------------------------------------

@@ -84,13 +84,14 @@ def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: boo
     # the log-softmax and argmax took 7 ms a step in the graph. Without the cache (checks,
     # the benchmark's baseline) the loop is unrolled: it stays a graph too.
     xla_rows = 0 if config.precision == "bfloat16" else XLA_STEP_MAX_ROWS
-    # Wider float32 loops as XLA programs with [N, K] kernel copies, where the CPU gains
-    # (backend.XLA_WIDE_MAX_ROWS); a bfloat16 head stays out (XLA's bfloat16 dot is slow),
-    # and so do models whose copies would take more than TRANSPOSED_KERNELS_MAX_BYTES.
+    # Wider float32 loops as XLA programs where the CPU gains (backend.XLA_WIDE_MAX_ROWS); a
+    # bfloat16 head stays out (XLA's bfloat16 dot is slow), and where the loop would multiply
+    # [N, K] kernel copies, so do models whose copies would take more than
+    # TRANSPOSED_KERNELS_MAX_BYTES.
     decoder = model.decoder if _is_captioner(model) else model
     kernel_bytes = 4 * sum(int(np.prod(layer.kernel.shape)) for layer in dense_layers(decoder))  # float32
-    copies_fit = kernel_bytes <= backend.TRANSPOSED_KERNELS_MAX_BYTES
-    wide_rows = XLA_WIDE_MAX_ROWS if config.precision == "float32" and copies_fit else 0
+    wide_allowed = kernel_bytes <= backend.TRANSPOSED_KERNELS_MAX_BYTES or not backend.transposed_kernels_faster()
+    wide_rows = XLA_WIDE_MAX_ROWS if config.precision == "float32" and wide_allowed else 0
     run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile, xla_rows, wide_rows),
                           compile_decode=loop_compiler(jit, compile and use_cache, xla_rows, wide_rows))
     programs[key] = compile_loop(run, compile=compile, jit_compile=whole)

@@ -30,21 +30,31 @@ XLA_STEP_MAX_ROWS = 16
 # ~15 vs 5.8 ms a step), and the copy cost the whole call 10-20 % (124M beam 3 at batch 1
 # 0.83x, greedy at batch 4 0.82x, the seed's beam 0.91x). At one row the layouts tie on
 # both, and in the graph loop (oneDNN's matmul) the copy gained nothing (0.96-1.02x, AMD).
+# In a wide XLA loop (below) the copy still paid at up to 48 rows (AMD, GPT-2 124M over the
+# stored table: 24 rows 1.12x, 32 rows 1.06x, 48 rows 1.10x the whole call; 64 rows 0.88x).
 TRANSPOSED_HEAD_MIN_ROWS = 2
+TRANSPOSED_HEAD_MAX_ROWS = 48
 TRANSPOSED_HEAD_VENDORS = ("AuthenticAMD",)
 # None: by the CPU's maker (above); True / False: that layout wherever the rows allow it.
 TRANSPOSED_HEAD: bool | None = None
-# Intel Xeon (AMX): above XLA_STEP_MAX_ROWS float32 rows, up to XLA_WIDE_MAX_ROWS, the loop
-# is one XLA program too, its block products taking [N, K] copies of the kernels made once
-# per call in the graph (`hidden @ copy^T`; layers.kernel_copies). XLA's dot at 32 rows read
-# the stored [K, N] kernels slowly (GPT-2 124M, a layer's four products 4.02 ms, 2.94 in
-# oneDNN's graph matmul, 2.57 with the copies), and the graph loop pays for hundreds of small
-# ops a step: 124M at batch 32 greedy / nucleus / beam 3 (96 rows) 1.18-1.20x, same tokens,
-# the copies (340 MB) counted. The XLA loop at 32 rows without the copies was 0.92x, and
-# with copies made inside the XLA program 0.98x (XLA's transposes are slow); at 3-12 rows
-# the copies cost 0.96x, so the smaller loop keeps the kernels as stored. Not measured on
-# other CPUs, so only Intel takes it.
-XLA_WIDE_MAX_ROWS = 96
+# Above XLA_STEP_MAX_ROWS float32 rows, up to a number by the CPU's maker, the loop is one
+# XLA program too on the CPUs where that measured faster than the graph loop, which pays for
+# hundreds of small ops a step. How its block products read the kernels differs by maker.
+# Intel Xeon (AMX): XLA's dot at 32 rows read the stored [K, N] kernels slowly (GPT-2 124M,
+# a layer's four products 4.02 ms, 2.94 in oneDNN's graph matmul, 2.57 with [N, K] copies),
+# so the loop multiplies copies made once per call in the graph (`hidden @ copy^T`;
+# layers.kernel_copies): 124M at batch 32 greedy / nucleus / beam 3 (96 rows) 1.18-1.20x,
+# same tokens, the copies (340 MB) counted; without the copies 0.92x, with copies made
+# inside the XLA program 0.98x (XLA's transposes are slow); at 3-12 rows the copies cost
+# 0.96x, so the smaller loop keeps the kernels as stored.
+# AMD EPYC (Zen 5): the stored kernels are the fast layout; 124M, one process alternating
+# the loops, over the graph loop: 24 rows 1.26x, 32 rows 1.26-1.39x, 48 rows 1.18x, 64 rows
+# 1.02-1.13x, where copies gave 1.06-1.10x at 32 rows; at 96 rows 1.05x there, but 0.91-0.95x
+# in separate processes, so AMD stops at 64.
+XLA_WIDE_VENDOR_ROWS = {"GenuineIntel": 96, "AuthenticAMD": 64}
+XLA_WIDE_MAX_ROWS = max(XLA_WIDE_VENDOR_ROWS.values())
+# None: by the CPU's maker (above); a number forces that many rows at most (0: no wide loop).
+XLA_WIDE_ROWS: int | None = None
 # The copies live for a call beside the weights: a model whose block kernels take more than
 # this (GPT-2 124M: 340 MB; 355M: ~1.2 GB) keeps the graph loop rather than double them.
 TRANSPOSED_KERNELS_MAX_BYTES = 3 * 2**29
@@ -90,10 +100,10 @@ def loop_compiler(
     steps back to back, without the graph executor's per-step launches and hand-offs.
     ``wrap(fn).transposed_head(rows)``: whether that loop multiplies the output head by a
     ``[W, V]`` copy of the table (rows from :data:`TRANSPOSED_HEAD_MIN_ROWS`, on a CPU where
-    that is faster: :func:`transposed_head_faster`). ``wrap(fn).transposed_kernels(rows)``:
-    whether a loop of more than ``max_xla_rows`` rows, up to ``wide_max_rows``, is an XLA
-    program too, multiplying ``[N, K]`` copies of the block kernels (see
-    :data:`XLA_WIDE_MAX_ROWS`).
+    that is faster: :func:`transposed_head_faster`). A loop of more than ``max_xla_rows``
+    rows, up to ``wide_max_rows`` and :func:`wide_xla_rows`, is an XLA program too;
+    ``wrap(fn).transposed_kernels(rows)``: whether it multiplies ``[N, K]`` copies of the
+    block kernels (:func:`transposed_kernels_faster`).
     """
     if not cpu_split(jit_compile, compile):
 
@@ -115,11 +125,14 @@ def loop_compiler(
             return xla(*args) if rows <= max_xla_rows or _wide(rows, max_xla_rows, wide_max_rows) else fn(*args)
 
         def transposed_head(rows: int) -> bool:
-            return TRANSPOSED_HEAD_MIN_ROWS <= rows <= max_xla_rows and transposed_head_faster()
+            xla_rows = rows <= max_xla_rows or _wide(rows, max_xla_rows, wide_max_rows)
+            return TRANSPOSED_HEAD_MIN_ROWS <= rows <= TRANSPOSED_HEAD_MAX_ROWS and xla_rows and transposed_head_faster()
 
         loop.xla = xla  # type: ignore[attr-defined]
         loop.transposed_head = transposed_head  # type: ignore[attr-defined]
-        loop.transposed_kernels = lambda rows: _wide(rows, max_xla_rows, wide_max_rows)  # type: ignore[attr-defined]
+        loop.transposed_kernels = lambda rows: (  # type: ignore[attr-defined]
+            _wide(rows, max_xla_rows, wide_max_rows) and transposed_kernels_faster()
+        )
         return loop
 
     return wrap
@@ -139,8 +152,17 @@ def transposed_head_faster() -> bool:
     return cpu_vendor() in TRANSPOSED_HEAD_VENDORS
 
 
+def wide_xla_rows() -> int:
+    """Up to how many float32 rows a loop runs as XLA on this CPU (none above
+    ``max_xla_rows`` where 0): :data:`XLA_WIDE_ROWS` where set, else this CPU maker's
+    entry in :data:`XLA_WIDE_VENDOR_ROWS`."""
+    if XLA_WIDE_ROWS is not None:
+        return XLA_WIDE_ROWS
+    return XLA_WIDE_VENDOR_ROWS.get(cpu_vendor(), 0)
+
+
 def transposed_kernels_faster() -> bool:
-    """Whether a wide float32 loop runs as XLA with ``[N, K]`` kernel copies on this CPU:
+    """Whether a wide XLA loop multiplies ``[N, K]`` kernel copies on this CPU:
     :data:`TRANSPOSED_KERNELS` where set, else whether its maker is one of
     :data:`TRANSPOSED_KERNEL_VENDORS`."""
     if TRANSPOSED_KERNELS is not None:
@@ -149,7 +171,7 @@ def transposed_kernels_faster() -> bool:
 
 
 def _wide(rows: int | None, max_xla_rows: int, wide_max_rows: int) -> bool:
-    return rows is not None and max_xla_rows < rows <= wide_max_rows and transposed_kernels_faster()
+    return rows is not None and max_xla_rows < rows <= min(wide_max_rows, wide_xla_rows())
 
 
 @functools.lru_cache(maxsize=1)
