@@ -2,10 +2,11 @@
 decoder) or ``precision="bfloat16-head"`` (the output head's table only).
 
 Why: decoding many rows at once is matmul-bound, and CPUs with AVX-512 BF16 (and AMX)
-run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M at batch 32,
-greedy 1.03 vs 1.33 s per call, beam 3 2.12 vs 2.96 s (AMD EPYC, 2 cores; BENCHMARKS.md).
-At one row the step is bound by reading weights and the float32 XLA step stays faster,
-so bfloat16 is never chosen for the user.
+run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M beam 3 at batch
+32 (96 rows), 1.38 vs 1.94 s per call (AMD EPYC, 2 cores; BENCHMARKS.md). Up to 64 rows
+there (96 on Intel) float32 decodes in an XLA loop, which was faster (greedy at batch 32
+0.76 vs 0.87 s), and at one row the step is bound by reading weights, so bfloat16 is
+never chosen for the user.
 
 The decoder's bfloat16 twin is built once per model and refreshed from the float32
 weights at every call (a cast of every weight: the model may have trained since), so
