@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	# torch is pinned to the CPU build 2.13.0 (a test reference only).
-	$(PIP) install -q -e '.[cpu,dali,tests]'
+	$(PIP) install -q -e '.[cpu,dali,remote,tests]'
 	# DALI's TensorFlow plugin compiles against the installed TensorFlow.
 	$(PIP) install -q --no-build-isolation nvidia-dali-tf-plugin-cuda120
 	# Debian's chromium + chromium-driver for the page test in a real browser (the test is

@@ -273,9 +273,14 @@ class TrainConfig:
     # Images with more pixels than this are skipped (counted) from their header, before any
     # decoding: Pillow's own decompression-bomb limit by default.
     max_image_pixels: int = 89_478_485
-    # A CSV/COCO set whose decoded images (float32 at image_size) fit in this many MB is
+    # A CSV/COCO set whose decoded images (uint8 at image_size) fit in this many MB is
     # decoded once and kept in memory for every epoch; 0 = always read from disk.
     image_cache_mb: int = 1024
+    # Shards only: each input pipeline draws whole shards with replacement (open_clip's
+    # --dataset-resampled) instead of reading every sample once per epoch; an epoch is then
+    # samples_per_epoch samples, and a restart draws afresh instead of finding its place.
+    resampled: bool = False
+    samples_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "float32", "mixed_bfloat16", "mixed_float16"):
@@ -308,6 +313,10 @@ class TrainConfig:
             )
         if not 0.0 <= self.max_skip_rate <= 1.0:
             raise ConfigError(f"train.max_skip_rate must be in [0, 1], got {self.max_skip_rate!r}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch <= 0:
+            raise ConfigError(f"train.samples_per_epoch must be positive or null, got {self.samples_per_epoch!r}")
+        if self.resampled and self.samples_per_epoch is None:
+            raise ConfigError("train.resampled: true needs train.samples_per_epoch (how many samples make an epoch)")
 
 
 @dataclass(frozen=True)

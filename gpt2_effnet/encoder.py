@@ -141,8 +141,12 @@ class ImageEncoder(keras.Model):
     def call(self, images: Any, training: bool | None = None, backbone_precision: str = "float32") -> Any:
         """``backbone_precision="bfloat16"`` (inference only, opt-in): the backbone's
         convolutions in bfloat16 (:func:`~gpt2_effnet.folding.low_precision_twin`); the
-        features are cast back to float32 before the projection and blocks."""
+        features are cast back to float32 before the projection and blocks. Images may come
+        as uint8 (what the loaders ship, a quarter of the bytes): they become float here, on
+        the device."""
         check_backbone_precision(backbone_precision)
+        if "int" in str(getattr(images, "dtype", "float32")):
+            images = ops.cast(images, "float32")
         if training and self.backbone.trainable:
             features = self.backbone(images, training=True)
         elif backbone_precision == "bfloat16":

@@ -1,14 +1,16 @@
-"""Image files in, pixels out: the one reader used by caption, evaluate, the demo and serving.
+"""Image files in, pixels out: the one reader every pipeline uses, training included.
 
-Pillow decodes (not TensorFlow), so captioning works on any Keras backend. Every odd
-format comes out as the training pipeline's TensorFlow decoder gives it: 16-bit images
-scaled to 8 bits (not clipped to white), palettes expanded, alpha dropped (not
-composited), grayscale copied to three channels; tests/test_reliability.py compares the
-two readers pixel for pixel. Images larger than ``max_pixels`` are refused from their
-header, before any decoding (Pillow's decompression-bomb limit by default, as in training:
+Training (CSV/COCO and shards on the CPU), caption, evaluate, the demo and serving all
+decode with :func:`decode_rgb`, so a model sees at training time exactly the pixels it is
+captioned on. Pillow decodes (not TensorFlow), so captioning works on any Keras backend, and
+every odd format is treated one way: 16-bit images scaled to 8 bits (not clipped to
+white), palettes expanded, alpha dropped (not composited), grayscale copied to three
+channels, an animation's first frame. Images larger than ``max_pixels`` are refused from
+their header, before any decoding (Pillow's decompression-bomb limit by default:
 ``train.max_image_pixels``). Images are resized straight to the model's square input with
-Pillow's bilinear filter, which antialiases when shrinking, like the training pipeline's
-``tf.image.resize(antialias=True)``.
+Pillow's bilinear filter, which antialiases when shrinking; large JPEGs are first decoded
+at a reduced scale. The SavedModel export (TensorFlow ops only) and DALI on a GPU
+reproduce this path closely, not bit for bit (tests bound the difference).
 """
 
 from __future__ import annotations
@@ -24,13 +26,21 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats every reader takes (training, caption, evaluate, serve and the SavedModel,
+# whose TensorFlow decoders know exactly these): one set, so an image that trains also
+# captions everywhere and the other way round. TIFF and the rest are refused by name.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Pillow's own default limit (Image.MAX_IMAGE_PIXELS), also train.max_image_pixels' default.
 DEFAULT_MAX_PIXELS = 89_478_485
 
 
 class ImageTooLarge(ValueError):
     """The header announces more pixels than allowed; nothing was decoded."""
+
+
+class UnsupportedImage(ValueError):
+    """A file Pillow may know but the project does not read everywhere (TIFF, ...)."""
 
 
 def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
@@ -61,12 +71,27 @@ def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Pa
     return found, unusable
 
 
-def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> "Image.Image":
-    """Decode a file or encoded bytes to an 8-bit RGB Pillow image, the way training decodes it."""
+def open_image(
+    source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS, size: int | None = None
+) -> "Image.Image":
+    """Decode a file or encoded bytes to an 8-bit RGB Pillow image, the way every reader does.
+
+    ``size``: the square side the image will be resized to; a JPEG at least twice that on
+    both sides is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT scaling (never below
+    ``size``), which costs a fraction of a full decode and of the resize after it.
+    """
     from PIL import Image
 
-    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    with Image.open(stream) as image:
+    stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source
+    try:
+        image = Image.open(stream)
+    except Image.DecompressionBombError as err:  # over twice Pillow's own limit: refused from the header
+        raise ImageTooLarge(f"{err}; a decompression bomb, or raise train.max_image_pixels") from None
+    with image:
+        if image.format not in IMAGE_FORMATS:
+            raise UnsupportedImage(
+                f"{image.format} images are not read here (only {', '.join(IMAGE_FORMATS)}); convert it to PNG or JPEG"
+            )
         width, height = image.size  # from the header; nothing decoded yet
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLarge(
@@ -74,8 +99,10 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
                 "(a decompression bomb, or raise train.max_image_pixels)"
             )
         image.seek(0)  # an animation's first frame, like training's expand_animations=False
+        if size is not None and image.format == "JPEG":
+            image.draft("RGB", (size, size))
         if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            # 16-bit samples: scale to 8 bits as libpng does for TensorFlow (x * 255 / 65535, rounded).
+            # 16-bit samples: scale to 8 bits as libpng does (x * 255 / 65535, rounded).
             wide = np.asarray(image, dtype=np.int64)
             gray = ((wide * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
             return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
@@ -84,13 +111,23 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAU
         return image.convert("RGB")
 
 
-def read_image(path: str | os.PathLike | bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """RGB float32 ``[S, S, 3]`` in 0..255; raises on anything Pillow cannot decode or that is too large."""
+def decode_rgb(source: str | os.PathLike | bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 ``[S, S, 3]``: the pixels every pipeline trains and captions on.
+
+    Pillow's bilinear filter antialiases when it shrinks. Raises :class:`ImageTooLarge`,
+    :class:`UnsupportedImage`, or Pillow's own error for bytes that do not decode.
+    """
     from PIL import Image
 
-    image = open_image(path, max_pixels)
-    image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.float32)
+    image = open_image(source, max_pixels, size=image_size)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_image(path: str | os.PathLike | bytes, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`decode_rgb` as float32 ``[S, S, 3]`` in 0..255 (what the models take)."""
+    return decode_rgb(path, image_size, max_pixels).astype(np.float32)
 
 
 def caption_files(

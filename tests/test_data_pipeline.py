@@ -1,5 +1,5 @@
 """CSV / COCO reading and the tf.data caption pipeline: bad files skipped and counted, formats
-turned into RGB, captions aligned with their images, per-worker shares."""
+turned into RGB, captions aligned with their images, per-pipeline shares, exact resume."""
 
 from __future__ import annotations
 
@@ -65,39 +65,40 @@ def mixed_set(tmp_path):
     return tmp_path, rgb, gray
 
 
-def test_bad_images_skipped_and_counted_formats_become_rgb(mixed_set, tok) -> None:
+def test_bad_images_keep_their_row_masked_and_counted_formats_become_rgb(mixed_set, tok) -> None:
     folder, rgb, gray = mixed_set
     captions = read_csv(folder / "captions.csv")
     assert len(captions) == 4 and captions.num_missing == 1
 
     skips = SkipCounter()
     out = collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, batch_size=3, shuffle=False), skips=skips))
-    assert out["images"].shape == (2, SIZE, SIZE, 3) and out["images"].dtype == np.float32
+    # The missing file is left out up front; the corrupt one keeps its place, masked.
+    assert out["images"].shape == (3, SIZE, SIZE, 3) and out["images"].dtype == np.uint8
     assert (skips.skipped, skips.missing, skips.unreadable) == (2, 1, 1)
     assert skips.unreadable_samples() == [str(folder / "corrupt.jpg")]
     assert "skipped 2" in skips.summary() and "corrupt.jpg" in skips.summary()
+    assert out["mask"][0].sum() == 0 and not out["images"][0].any()
 
     # Images stay aligned with their own captions, in file order.
     ids, mask = tok.batch_encode(["a picture with alpha", "a grey picture"], MAX_LEN)
-    np.testing.assert_array_equal(out["token_ids"], ids)
-    np.testing.assert_array_equal(out["mask"], mask)
+    np.testing.assert_array_equal(out["token_ids"][1:], ids)
+    np.testing.assert_array_equal(out["mask"][1:], mask)
     assert out["token_ids"].dtype == np.int32 and out["mask"].dtype == np.int32
     # RGBA -> its RGB channels (lossless PNG, same size: exact); grayscale -> three equal channels.
-    np.testing.assert_allclose(out["images"][0], rgb, atol=1e-3)
-    g = out["images"][1]
-    np.testing.assert_allclose(g[..., 0], g[..., 1]) and np.testing.assert_allclose(g[..., 1], g[..., 2])
+    np.testing.assert_array_equal(out["images"][1], rgb)
+    g = out["images"][2].astype(int)
+    np.testing.assert_array_equal(g[..., 0], g[..., 1]) and np.testing.assert_array_equal(g[..., 1], g[..., 2])
     assert np.abs(g[..., 0] - gray).mean() < 2.0
 
 
-def test_skips_exact_with_shuffle_and_repeat(mixed_set, tok) -> None:
+def test_skips_counted_every_time_with_shuffle_and_repeat(mixed_set, tok) -> None:
     folder, _, _ = mixed_set
     skips = SkipCounter()
     ds = caption_dataset(read_csv(folder / "captions.csv"), tok,
-                         PipelineSpec(SIZE, MAX_LEN, batch_size=2, shuffle=True, seed=3, repeat=True), skips=skips)
-    for _ in ds.take(5):  # 5 batches of 2 good samples = several epochs
-        pass
-    assert (skips.missing, skips.unreadable) == (1, 1)
-    assert skips.attempted == skips.num_samples == 3
+                         PipelineSpec(SIZE, MAX_LEN, batch_size=3, shuffle=True, seed=3, repeat=True), skips=skips)
+    rows = [b["mask"].numpy().sum(axis=1) > 0 for b in ds.take(4)]  # 4 epochs of 3 present rows
+    assert sum(int((~r).sum()) for r in rows) == 4  # the corrupt file, once an epoch, always masked
+    assert skips.missing == 1 and skips.num_samples == 3 and skips.unreadable >= 4 and skips.attempted >= 12
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path, tok) -> None:
@@ -106,7 +107,7 @@ def test_cmyk_jpeg_becomes_rgb(tmp_path, tok) -> None:
     assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
     write_csv(tmp_path / "c.csv", [("cmyk.jpg", "ink")])
     out = collect(caption_dataset(read_csv(tmp_path / "c.csv"), tok, PipelineSpec(SIZE, MAX_LEN, 1, shuffle=False)))
-    assert np.abs(out["images"][0] - rgb).mean() < 4.0
+    assert np.abs(out["images"][0].astype(int) - rgb).mean() < 4.0
 
 
 def test_resize_to_model_size(tmp_path, tok) -> None:
@@ -212,7 +213,7 @@ def test_image_cache_serves_the_same_batches_and_counts_the_same_skips(mixed_set
     assert capsys.readouterr().out.count("decoded 2 of 3 images into memory") == 1
 
     # Over the budget: streamed from disk, nothing decoded up front.
-    small = ImageCache(budget_bytes=SIZE * SIZE * 3 * 4 * 2)
+    small = ImageCache(budget_bytes=SIZE * SIZE * 3 * 2)
     assert small.images([str(folder / n) for n in ("alpha.png", "gray.jpg", "corrupt.jpg")], spec) is None
     again = collect(caption_dataset(captions, tok, spec, cache=small))
     np.testing.assert_array_equal(again["images"], streamed["images"])
@@ -229,5 +230,18 @@ def test_training_pipelines_run_without_the_autotuner_thread(numbered_set, tok) 
     for cache in (None, ImageCache(2**30)):
         options = caption_dataset(captions, tok, spec, cache=cache).options()
         assert options.autotune.enabled is False
-        assert options.deterministic is False
+        assert options.deterministic is True  # positions must not move: resume reads from a batch
     assert pipeline_options(deterministic=True).autotune.enabled is False
+
+
+def test_a_resumed_epoch_starts_at_its_batch_without_decoding_what_came_before(numbered_set, tok, monkeypatch) -> None:
+    import gpt2_effnet.image_input as image_input
+
+    captions, texts = numbered_set
+    spec = dict(shuffle=True, seed=4, drop_remainder=True)
+    whole = texts_of(tok, collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, 2, **spec))))
+    decoded = []
+    original = image_input.decode_rgb
+    monkeypatch.setattr(image_input, "decode_rgb", lambda *a, **k: decoded.append(a[0]) or original(*a, **k))
+    tail = texts_of(tok, collect(caption_dataset(captions, tok, PipelineSpec(SIZE, MAX_LEN, 2, start_batch=3, **spec))))
+    assert tail == whole[6:] and len(decoded) == len(texts) - 6

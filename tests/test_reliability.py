@@ -164,18 +164,45 @@ def _odd_images(folder: Path) -> dict[str, Path]:
     return files
 
 
-def test_training_and_captioning_read_odd_images_alike(tmp_path) -> None:
+def test_training_captioning_and_the_export_read_odd_images_alike(tmp_path) -> None:
+    from gpt2_effnet.data.pipeline import PipelineSpec, caption_dataset
+    from gpt2_effnet.image_input import read_image
+    from gpt2_effnet.serving.export import decode_and_resize
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+
     import tensorflow as tf
 
-    from gpt2_effnet.data.images import decode_and_resize
-    from gpt2_effnet.image_input import read_image
-
-    for kind, path in _odd_images(tmp_path).items():
-        trained = decode_and_resize(tf.io.read_file(str(path)), 24).numpy()
+    files = _odd_images(tmp_path)
+    spec = PipelineSpec(24, 8, len(files), shuffle=False)
+    trained = next(iter(caption_dataset([(str(p), k) for k, p in files.items()], GPT2Tokenizer.default(), spec)))
+    for row, (kind, path) in enumerate(files.items()):
         captioned = read_image(path, 24)
-        diff = np.abs(trained - captioned)
-        assert diff.max() <= 1.0, (kind, diff.max())  # 16-bit: both scale; the rest: identical
+        np.testing.assert_array_equal(trained["images"][row].numpy(), captioned, err_msg=kind)  # one reader
+        exported = decode_and_resize(tf.io.read_file(str(path)), 24).numpy()
+        assert np.abs(exported - captioned).max() <= 1.0, kind  # TensorFlow ops, the same rules
         assert 5 < captioned.mean() < 250, kind  # not white, not black
+
+
+def test_the_export_resizes_large_photos_like_the_reader(tmp_path) -> None:
+    """JPEGs big enough for a reduced-scale decode, and PNGs, resized by both readers."""
+    from PIL import Image
+
+    from gpt2_effnet.image_input import read_image
+    from gpt2_effnet.serving.export import decode_and_resize
+
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:300, 0:460]
+    for name, (h, w) in {"a.jpg": (300, 460), "b.jpg": (130, 70), "c.png": (300, 460)}.items():
+        smooth = np.stack([np.sin(x[:h, :w] / 17.0 + c) * 60 + np.cos(y[:h, :w] / 23.0) * 50 + 128 for c in range(3)], -1)
+        pixels = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name, quality=92)
+        for size in (64, 96):
+            reference = read_image(tmp_path / name, size)
+            exported = decode_and_resize(tf.io.read_file(str(tmp_path / name)), size).numpy()
+            diff = np.abs(exported - reference)
+            assert diff.mean() < 0.3 and diff.max() <= 3, (name, size, diff.mean(), diff.max())
 
 
 def test_pixel_limit_applies_before_decoding_everywhere(tmp_path, tiny_config) -> None:
@@ -195,7 +222,7 @@ def test_pixel_limit_applies_before_decoding_everywhere(tmp_path, tiny_config) -
     pairs = [(str(tmp_path / "small.png"), "small"), (str(tmp_path / "large.png"), "large")]
     spec = PipelineSpec(SIZE, 8, 2, shuffle=False, max_image_pixels=1000)
     batches = list(caption_dataset(pairs, GPT2Tokenizer.default(), spec, skips=skips))
-    assert sum(int(b["images"].shape[0]) for b in batches) == 1
+    assert [int(m.sum() > 0) for m in batches[0]["mask"].numpy()] == [1, 0]  # refused: its row is masked
     assert skips.unreadable == 1 and skips.unreadable_samples() == [str(tmp_path / "large.png")]
     assert tf.is_tensor(batches[0]["images"])
 
@@ -246,10 +273,11 @@ def test_coco_with_null_or_non_string_captions_is_refused(tmp_path) -> None:
 def test_an_epoch_without_a_full_batch_stops_and_writes_no_config(tmp_path, tiny_config) -> None:
     from gpt2_effnet.training.loop import TrainingStopped
 
-    paths = _synthetic(tmp_path / "data", n=4, corrupt=6)  # 4 readable + 6 unreadable, batch 8
+    # 4 readable + 6 unreadable, batch 8: the first epoch shows the set is mostly unusable.
+    paths = _synthetic(tmp_path / "data", n=4, corrupt=6)
     config = tiny_config(real_vocabulary=True, train={"batch_size": 8, "steps": 5})
     trainer = _trainer(config, tmp_path / "run", paths.train_csv)
-    with pytest.raises(TrainingStopped, match=r"no full batch.*10 example\(s\), 4 of them readable \(6 unreadable"):
+    with pytest.raises(TrainingStopped, match=r"6 of the 10 samples read so far were unreadable or missing \(60% >"):
         trainer.fit()
     assert not (tmp_path / "run" / "config.yaml").exists()
     # The corrected rerun is a new run, not "a different config".
@@ -401,3 +429,43 @@ def test_a_broken_safetensors_file_is_a_weight_error_naming_it(tmp_path) -> None
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
     with pytest.raises(WeightLoadError, match="model.safetensors"):
         load_gpt2(tmp_path)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header announces width x height, with one tiny (wrong) data chunk: a bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_images_over_pillows_own_bomb_limit_are_refused_from_the_header_everywhere(tmp_path) -> None:
+    """20000 x 20000 is over twice Pillow's limit: Pillow raises DecompressionBombError on open,
+    which must read as 'too large', never as 'size unknown, decode it'."""
+    from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, caption_dataset
+    from gpt2_effnet.image_input import ImageTooLarge, decode_rgb
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(20000, 20000))
+    with pytest.raises(ImageTooLarge, match="decompression bomb"):
+        decode_rgb(bomb, SIZE)
+    with pytest.raises(ImageTooLarge):
+        decode_rgb(bomb.read_bytes(), SIZE, max_pixels=None)  # even with our own limit off
+    skips = SkipCounter()
+    out = list(caption_dataset([(str(bomb), "a bomb")], GPT2Tokenizer.default(), PipelineSpec(SIZE, 8, 1, shuffle=False), skips=skips))
+    assert out[0]["mask"].numpy().sum() == 0 and skips.unreadable_samples() == [str(bomb)]
+
+
+def test_tiff_is_refused_by_name_by_every_reader(tmp_path) -> None:
+    from PIL import Image
+
+    from gpt2_effnet.image_input import UnsupportedImage, decode_rgb
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.tif")
+    with pytest.raises(UnsupportedImage, match="TIFF images are not read here"):
+        decode_rgb(tmp_path / "a.tif", SIZE)

@@ -4,6 +4,7 @@
                                                    #   default strategy vs MirroredStrategy (+ grad accumulation)
     python tests/training_worker.py worker OUT     # one MultiWorkerMirroredStrategy worker (TF_CONFIG set)
     python tests/training_worker.py single OUT     # one device, the reference for the workers
+    python tests/training_worker.py replicas OUT SHARDS  # two logical CPUs, one shard pipeline per replica
 
 Each run trains a tiny captioner for a few steps on the same in-memory data and seed and
 writes the per-step losses to OUT/<name>.json.
@@ -69,6 +70,35 @@ def run(name: str, out: Path, strategy: object, run_dir: str | None = None, **tr
     return losses
 
 
+def replicas(out: Path, shards: str) -> None:
+    """One epoch on shards under MirroredStrategy; which samples each replica trained on."""
+    from gpt2_effnet.training import Trainer
+    from gpt2_effnet.training.distribute import make_strategy
+    from gpt2_effnet.training.sources import make_tokenizer, shard_source
+
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(real_vocabulary=True, train={"batch_size": 8, "epochs": 1, "log_every": 2,
+                                                           "checkpoint_every": 1000, "shuffle_buffer": 0})
+    strategy = make_strategy("mirrored")
+    tokenizer = make_tokenizer(config)
+    trainer = Trainer(config, out / "replicas-run", shard_source(config, tokenizer, shards), strategy=strategy,
+                      show_progress=False)
+    per_replica: list[list[list[int]]] = [[], []]
+    inner = trainer.train_step
+
+    def step(batch, vote=0):
+        for replica, part in enumerate(strategy.experimental_local_results(batch["token_ids"])):
+            texts = [tokenizer.decode([int(t) for t in row if t < tokenizer.eos_token_id]) for row in np.asarray(part)]
+            per_replica[replica].append([int(t.split()[-1]) for t in texts])
+        return inner(batch, vote)
+
+    trainer.train_step = step
+    result = trainer.fit()
+    waits = [h.get("data_wait") for h in result.history if "loss" in h]
+    (out / "replicas.json").write_text(json.dumps({"per_replica": per_replica, "data_wait": waits[-1] if waits else None}))
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     import tensorflow as tf
@@ -78,7 +108,7 @@ def main() -> None:
     # Grappler's rewrites of the big train-step graph cost seconds per process and matter
     # nothing for a four-step comparison run by every process the same way.
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    if mode == "mirrored":
+    if mode in ("mirrored", "replicas"):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from gpt2_effnet.training.distribute import make_strategy, worker_info
@@ -88,6 +118,8 @@ def main() -> None:
         run(f"worker{worker_info(strategy).index}", out, strategy, run_dir="multiworker")
     elif mode == "single":
         run("single", out, make_strategy("default"))
+    elif mode == "replicas":
+        replicas(out, sys.argv[3])
     elif mode == "mirrored":
         mirrored = make_strategy("mirrored")
         run("single", out, make_strategy("default"))

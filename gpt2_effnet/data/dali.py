@@ -1,31 +1,34 @@
-"""DALI pipeline over webdataset shards, handed to TensorFlow through the DALI TF plugin.
+"""DALI decodes the shard pipeline's images: on the GPU (``device="mixed"``) when there is one.
 
-DALI reads the tars (`fn.readers.webdataset`), shuffles, decodes (on the GPU with
-device="mixed" when TensorFlow sees one, on the CPU otherwise) and resizes. Captions leave DALI
-as raw, NUL-padded UTF-8 bytes and are tokenised once per *batch* in TensorFlow: at ~5-10 us
-per caption that is a small fraction of a decode (bench/bench_data.py measures both), and it
-works on img2dataset shards from the wild, which hold only jpg/txt/json.
+The bytes come from the same reader as the tf.data loader (:mod:`.shard_reader`), so both
+loaders read the same samples at the same positions from any store, resume exactly, and
+count the same problems; DALI gets each encoded image through an external source
+(``DALIDatasetWithInputs``) and does the costly part: decode and antialiased resize, to
+uint8. One pipeline per replica, each on that replica's GPU (``device_id``); its uint8
+batch crosses to the host once for tokenising in tf.data, then to its replica's device.
 
-Sharding matches the tf.data reader (gpt2_effnet.data.wds) sample for sample: both drop
-samples lacking a component, then give worker i of k the slice [n*i//k, n*(i+1)//k).
-`stick_to_shard` keeps each worker on its own slice every epoch.
-
-DALI's decoder stops on an undecodable image; shards written by `gpt2-effnet shards` were
-fully decoded once while writing, so this only concerns foreign shards (use the tf.data
-reader, which skips and counts bad images, for those that fail).
+DALI's own webdataset reader is not used: it reads local files and S3 only, and through
+the TensorFlow plugin its position cannot be saved, so a resumed run could not start where
+it stopped. A header check in Python keeps images over the pixel limit, formats DALI
+cannot decode and broken headers away from its decoder (which would stop the pipeline):
+they are swapped for a tiny stand-in and their rows masked. An image whose header is fine
+but whose body is corrupt can still stop DALI; use ``--loader tfdata`` for such shards.
 """
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Sequence
+import io
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, Tokenizer, pipeline_options, text_tokenizer_fn
-from gpt2_effnet.data.shards import IMAGE_EXTS, index_path_for
-from gpt2_effnet.data.wds import plan_shards
+from .pipeline import PipelineSpec, SkipCounter, Tokenizer, batch_dict, decode_parallelism, pipeline_options, text_tokenizer_fn
+from .shard_reader import IMAGE_EXTS
+from .wds import ShardsArg, epoch_order, sample_stream, shard_set
+
+DALI_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")  # the rest (GIF) is decoded by Pillow and handed over as PNG
 
 
 def dali_available() -> bool:
@@ -45,18 +48,73 @@ def _gpu_present() -> bool:
 
 
 def _stand_in_jpeg() -> bytes:
-    """An 8 x 8 grey JPEG: what an image over the pixel limit is decoded as before it is dropped."""
-    import io
-
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (128, 128, 128)).save(buffer, format="JPEG")
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(buffer, format="JPEG")
     return buffer.getvalue()
 
 
+def dali_input(image: bytes | None, name: str, image_size: int, max_pixels: int | None, skips: SkipCounter) -> tuple[bytes | None, str | None]:
+    """(bytes DALI can decode, or None; the problem) for one sample, from its header only."""
+    from PIL import Image
+
+    from ..image_input import decode_rgb
+
+    if image is None:
+        return None, "no image"
+    try:
+        with Image.open(io.BytesIO(image)) as probe:
+            width, height = probe.size
+            kind = probe.format
+    except Image.DecompressionBombError:
+        return None, "over the pixel limit"
+    except Exception as err:  # not an image at all
+        return None, f"{type(err).__name__}"
+    if max_pixels is not None and width * height > max_pixels:
+        return None, "over the pixel limit"
+    if kind in DALI_FORMATS:
+        return image, None
+    try:  # a format DALI does not read: Pillow decodes it, DALI gets lossless PNG at the final size
+        buffer = io.BytesIO()
+        Image.fromarray(decode_rgb(image, image_size, max_pixels)).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue(), None
+    except Exception as err:  # noqa: BLE001 - counted as unreadable by the caller
+        return None, f"{type(err).__name__}"
+
+
+class _Tee:
+    """Several consumers of one iterator, each getting every item (DALI's input and the side data)."""
+
+    def __init__(self, source: Iterator, consumers: int) -> None:
+        self._source = source
+        self._lock = threading.Lock()
+        self._queues = [deque() for _ in range(consumers)]
+        self._done = False
+
+    def consumer(self, index: int, pick: Callable) -> Callable[[], Iterator]:
+        def generate() -> Iterator:
+            own = self._queues[index]
+            while True:
+                with self._lock:
+                    if not own:
+                        if self._done:
+                            return
+                        try:
+                            item = next(self._source)
+                        except StopIteration:
+                            self._done = True
+                            return
+                        for q in self._queues:
+                            q.append(item)
+                    item = own.popleft()
+                yield pick(item)
+
+        return generate
+
+
 def dali_dataset(
-    shards: str | os.PathLike | Sequence[str | os.PathLike],
+    shards: ShardsArg,
     tokenizer: Tokenizer,
     spec: PipelineSpec,
     skips: SkipCounter | None = None,
@@ -65,14 +123,12 @@ def dali_dataset(
     device_id: int = 0,
     num_threads: int | None = None,
 ) -> "tf.data.Dataset":  # noqa: F821
-    """Batches of {"images", "token_ids", "mask"} from webdataset shards, read and decoded by DALI.
+    """Batches of {"images", "token_ids", "mask"} from webdataset shards, decoded by DALI.
 
-    device: "auto" (GPU decode when TensorFlow sees a GPU), "gpu" or "cpu". With
-    `spec.repeat` the stream is endless and epochs run into each other inside batches.
-    Without it, one epoch is yielded: ceil(n / batch_size) batches, the last one trimmed to
-    the real samples (or n // batch_size full batches with `drop_remainder`). `skips.missing`
-    counts samples lacking an image or a caption, which DALI drops. DALI's output order is
-    fixed by its seed whatever `spec.deterministic` says.
+    device: "auto" (GPU decode when TensorFlow sees a GPU), "gpu" or "cpu". The batches are
+    those of :func:`~gpt2_effnet.data.wds.wds_dataset`, pixels aside (DALI's resampler).
+    DALI yields whole batches only: without ``drop_remainder`` the last one is filled up
+    with masked rows.
     """
     import nvidia.dali.fn as fn
     import nvidia.dali.plugin.tf as dali_tf
@@ -83,95 +139,62 @@ def dali_dataset(
     if device not in ("auto", "gpu", "cpu"):
         raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r}")
     use_gpu = _gpu_present() if device == "auto" else device == "gpu"
-    plan = plan_shards(shards, spec.num_shards, spec.shard_index, image_exts)
-    n = plan.num_samples
-    if n == 0:
-        raise ValueError(f"worker {spec.shard_index} of {spec.num_shards} gets no samples: only {plan.stop} in the shards")
+    shards = shard_set(shards)
+    order = epoch_order(shards, spec)
+    if order.length == 0:
+        raise ValueError(f"pipeline {spec.shard_index} of {spec.num_shards} gets no samples: only {shards.total} in the shards")
     skips = skips if skips is not None else SkipCounter()
-    skips.bind(n, plan.incomplete)
-
-    paths = list(plan.paths)
-    indexes = [str(index_path_for(p)) for p in paths]
-    if not all(os.path.isfile(i) for i in indexes):
-        indexes = []  # DALI then scans the tars itself (slower start)
-    pipe_seed = -1 if spec.seed is None else int(spec.seed)
-    batch_size, image_size, repeat = spec.batch_size, spec.image_size, spec.repeat
-
-    limit = spec.max_image_pixels
-    # An image whose header announces more than the limit is swapped for a tiny stand-in
-    # before the decoder sees it (DALI cannot drop a sample mid-pipeline), flagged, and
-    # dropped and counted on the TensorFlow side.
+    skips.bind(order.length or 0)
+    batch_size, size, limit = spec.batch_size, spec.image_size, spec.max_image_pixels
     stand_in = np.frombuffer(_stand_in_jpeg(), np.uint8)
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads or os.cpu_count() or 1,
-                  device_id=device_id if use_gpu else None, seed=pipe_seed, prefetch_queue_depth=2,
-                  enable_conditionals=limit is not None)
+    def prepared() -> Iterator[tuple[np.ndarray, bytes, np.int32]]:
+        count = 0
+        for sample in sample_stream(shards, spec, skips, tuple(image_exts)):
+            count += 1
+            if sample.problem is not None:
+                yield stand_in, b"", np.int32(0)
+                continue
+            data, problem = dali_input(sample.image, sample.name, size, limit, skips)
+            if data is None:
+                skips.add_unreadable(sample.name)
+                yield stand_in, b"", np.int32(0)
+                continue
+            skips.add_decoded()
+            yield np.frombuffer(data, np.uint8), sample.text or b"", np.int32(1)
+        if not spec.drop_remainder:
+            for _ in range((-count) % batch_size):  # DALI drops a short last batch: fill it
+                yield stand_in, b"", np.int32(0)
+
+    tee = _Tee(prepared(), 2)
+    encoded = tf.data.Dataset.from_generator(tee.consumer(0, lambda item: item[0]),
+                                             output_signature=tf.TensorSpec([None], tf.uint8))
+    side = tf.data.Dataset.from_generator(tee.consumer(1, lambda item: item[1:]),
+                                          output_signature=(tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.int32)))
+
+    @pipeline_def(batch_size=batch_size, num_threads=num_threads or decode_parallelism(spec),
+                  device_id=device_id if use_gpu else None, prefetch_queue_depth=2)
     def pipeline():
-        jpegs, texts = fn.readers.webdataset(
-            paths=paths,
-            index_paths=indexes,
-            ext=[";".join(image_exts), "txt"],
-            missing_component_behavior="skip",
-            random_shuffle=spec.shuffle,
-            initial_fill=spec.shuffle_buffer,
-            shard_id=spec.shard_index,
-            num_shards=spec.num_shards,
-            stick_to_shard=True,
-            pad_last_batch=not repeat,
-            name="reader",
-        )
-        if limit is not None:
-            shape = fn.peek_image_shape(jpegs)
-            too_big = fn.cast(shape[0], dtype=types.INT64) * fn.cast(shape[1], dtype=types.INT64) > limit
-            if too_big:
-                jpegs = fn.cast(types.Constant(stand_in), dtype=types.UINT8)
-            else:
-                jpegs = jpegs
+        jpegs = fn.external_source(name="encoded", dtype=types.UINT8)
         images = fn.decoders.image(jpegs, device="mixed" if use_gpu else "cpu", output_type=types.RGB)
-        images = fn.resize(images, resize_x=image_size, resize_y=image_size,
-                           interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
-        # Variable-length bytes are padded to the longest caption of the batch for TensorFlow.
-        texts = fn.pad(texts, fill_value=0)
-        if limit is not None:
-            return images, texts, too_big
-        return images, texts
+        return fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                         antialias=True, dtype=types.UINT8)
 
-    pipe = pipeline()
-    shapes = ((batch_size, image_size, image_size, 3), (batch_size, None))
-    dtypes = (tf.float32, tf.uint8)
-    if limit is not None:
-        shapes, dtypes = shapes + ((batch_size,),), dtypes + (tf.bool,)
-    # The dataset lives on the CPU so the tokeniser can follow it in tf.data; with GPU decode
-    # DALI copies the finished batch to host memory once.
+    # On the CPU so tokenising can follow in tf.data; with GPU decode DALI copies each uint8
+    # batch to host memory once (a quarter of float32's bytes).
     with tf.device("/cpu:0"):
-        ds = dali_tf.DALIDataset(pipeline=pipe, batch_size=batch_size, output_shapes=shapes, output_dtypes=dtypes,
-                                 device_id=device_id if use_gpu else None, fail_on_device_mismatch=False)
-
-    if not repeat:
-        steps = n // batch_size if spec.drop_remainder else math.ceil(n / batch_size)
-        last = n - (steps - 1) * batch_size  # real samples in the final batch
-        ds = ds.take(steps).enumerate()
-
-        def trim(step: tf.Tensor, *batch: tf.Tensor):
-            # DALI pads the final batch by repeating the last sample; keep the real ones only.
-            keep = tf.where(step == steps - 1, last, batch_size)
-            return tuple(part[:keep] for part in batch)
-
-        ds = ds.map(lambda step, batch: trim(step, *batch))
-    if limit is not None:
-        def count_and_drop(images: tf.Tensor, texts: tf.Tensor, too_big: tf.Tensor):
-            with tf.control_dependencies([skips.add_unreadable(tf.reduce_sum(tf.cast(too_big, tf.int64)))]):
-                keep = tf.logical_not(too_big)
-                return tf.boolean_mask(images, keep), tf.boolean_mask(texts, keep)
-
-        # Sequential (no parallel calls): the count is read-then-written.
-        ds = ds.map(count_and_drop).unbatch().batch(batch_size, drop_remainder=spec.drop_remainder)
+        images = dali_tf.experimental.DALIDatasetWithInputs(
+            pipeline=pipeline(), input_datasets={"encoded": encoded}, batch_size=batch_size,
+            output_shapes=((batch_size, size, size, 3),), output_dtypes=(tf.uint8,),
+            device_id=device_id if use_gpu else None, fail_on_device_mismatch=False,
+        )
+    ds = tf.data.Dataset.zip((images, side.batch(batch_size, drop_remainder=True)))
     tokenize = text_tokenizer_fn(tokenizer, spec.max_length)
 
-    def to_dict(images: tf.Tensor, texts: tf.Tensor) -> dict[str, tf.Tensor]:
+    def to_dict(decoded: tuple[tf.Tensor], texts_ok: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
+        texts, ok = texts_ok
         token_ids, mask = tokenize(texts)
-        return {"images": images, "token_ids": token_ids, "mask": mask}
+        return batch_dict(decoded[0] if isinstance(decoded, tuple) else decoded, token_ids, mask, ok)
 
-    ds = ds.map(to_dict, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(to_dict).prefetch(2)
     return ds.with_options(pipeline_options(deterministic=True))

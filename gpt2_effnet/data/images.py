@@ -1,57 +1,61 @@
-"""Image decode + resize, the one definition every pipeline (CSV, tf.data shards, benchmarks) uses.
+"""Image decoding inside tf.data: :func:`gpt2_effnet.image_input.decode_rgb` as a graph op that never fails.
 
-Keeping a single function means the CSV pipeline, the shard reader and the benchmark's bare
-loop do exactly the same pixel work, so their outputs agree and throughput ratios are fair.
+The decode itself is Pillow's (the one every reader uses). Pillow releases the GIL while it
+decodes and resizes, so parallel tf.data calls use every core. A sample that does not
+decode is not an error here: it comes out as a black image with ``ok = 0``, counted and
+named in the pipeline's :class:`~gpt2_effnet.data.pipeline.SkipCounter`, and its batch
+row is masked. (``ignore_errors`` would drop it, and a dropped sample shifts every later
+position, which exact resume cannot afford.)
 """
 
 from __future__ import annotations
 
-import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
-# Antialiasing costs ~15 % over plain bilinear but keeps detail when web images (often 500+ px)
-# are shrunk to the encoder's 224 px; DALI's resize antialiases by default as well.
-ANTIALIAS = True
+if TYPE_CHECKING:
+    import tensorflow as tf
 
-
-def header_pixels(data: bytes) -> np.int64:
-    """Width x height from an encoded image's header (Pillow reads only the header), -1 if unknown."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:  # not an image Pillow knows: the decoder below decides (and counts it)
-        return np.int64(-1)
-    return np.int64(width) * np.int64(height)
+    from .pipeline import SkipCounter
 
 
-def decode_and_resize(data: tf.Tensor, image_size: int, max_pixels: int | None = None) -> tf.Tensor:
-    """Encoded bytes (JPEG, PNG, GIF, BMP, WebP) -> float32 [size, size, 3] in 0..255.
+def decode_images(
+    source: "tf.Tensor",
+    name: "tf.Tensor",
+    image_size: int,
+    max_pixels: int | None,
+    skips: "SkipCounter",
+    from_path: bool = False,
+    usable: "tf.Tensor | None" = None,
+) -> tuple["tf.Tensor", "tf.Tensor"]:
+    """Graph code for one sample: (uint8 ``[S, S, 3]``, ``ok`` int32).
 
-    channels=3 makes grayscale, grayscale+alpha, RGBA and CMYK JPEGs all come out as RGB
-    (alpha is dropped); expand_animations=False keeps only a GIF's first frame so every
-    image is rank 3; 16-bit PNGs are scaled to 8 bits. Corrupt bytes raise, which the
-    pipelines turn into a counted skip; so does an image whose header announces more than
-    ``max_pixels`` pixels, refused before it is decoded (a 20000 x 20000 PNG is 1 MB on
-    disk and 1.2 GB decoded). :mod:`gpt2_effnet.image_input` reads files the same way.
+    ``source`` is the encoded bytes, or a file path with ``from_path``; ``name`` names the
+    sample in reports. ``usable == 0`` marks a sample already known bad (and counted).
     """
-    checks = []
-    if max_pixels is not None:
-        pixels = tf.numpy_function(header_pixels, [data], tf.int64, stateful=False)
-        checks.append(tf.debugging.assert_less_equal(
-            pixels, tf.constant(max_pixels, tf.int64), message="image over train.max_image_pixels"
-        ))
-    with tf.control_dependencies(checks):
-        image = tf.cond(
-            tf.io.is_jpeg(data),
-            # The accurate integer IDCT is as fast here and matches DALI's CPU decoder bit for bit.
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
-        )
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=ANTIALIAS)
-    # Antialiased resampling can overshoot slightly outside the input range.
-    image = tf.clip_by_value(image, 0.0, 255.0)
-    return tf.ensure_shape(image, [image_size, image_size, 3])
+    import tensorflow as tf
+
+    from ..image_input import decode_rgb
+
+    blank = np.zeros((image_size, image_size, 3), np.uint8)
+
+    def run(data: bytes, label: bytes, good: np.int32) -> tuple[np.ndarray, np.int32]:
+        if not good:
+            return blank, np.int32(0)
+        try:
+            if from_path:
+                with open(data.decode("utf-8", "surrogateescape"), "rb") as handle:
+                    data = handle.read()
+            image = decode_rgb(data, image_size, max_pixels)
+        except Exception:  # any failure of one file is a counted, named skip
+            skips.add_unreadable(label.decode("utf-8", "replace"))
+            return blank, np.int32(0)
+        skips.add_decoded()
+        return image, np.int32(1)
+
+    good = tf.constant(1, tf.int32) if usable is None else tf.cast(usable, tf.int32)
+    image, ok = tf.numpy_function(run, [source, name, good], [tf.uint8, tf.int32], stateful=True)
+    image.set_shape([image_size, image_size, 3])
+    ok.set_shape([])
+    return image, ok

@@ -1,20 +1,28 @@
-"""tf.data pipeline over (image path, caption) pairs, producing the training batch dict.
+"""What every input pipeline shares, and the tf.data pipeline over (image path, caption) pairs.
 
-    {"images": float32 [B, S, S, 3] in 0..255, "token_ids": int32 [B, L], "mask": int32 [B, L]}
+Every pipeline yields the training batch dict
 
-Design points:
-- Captions are tokenised once, up front, with `tokenizer.batch_encode`; each sample then only
-  carries its row index into a compact id table (uint16 when the ids fit) and its length.
-- Files are read and decoded in parallel (AUTOTUNE); output order is deterministic only when
-  shuffling is off, because strict ordering stalls on slow files.
-- Unreadable images never crash a run: decode errors drop the sample (`ignore_errors`), and a
-  `SkipCounter` counts exactly which samples were dropped, so the loop can print it per epoch.
-- Per-worker sharding happens on the pair list before anything is read.
-- A small set (see `ImageCache`) is decoded once and served from memory in later epochs.
+    {"images": uint8 [B, S, S, 3], "token_ids": int32 [B, L], "mask": int32 [B, L]}
+
+Images stay uint8 until the model (a quarter of float32's bytes from the loader to the
+device); the encoder casts them. Design points:
+
+- A batch takes exactly B positions of the pipeline's sample order. A sample that cannot
+  be used (its image missing, unreadable or over the pixel limit, its caption absent) still
+  fills its row, with an all-zero mask, so it adds nothing to loss or gradients, and is
+  counted in a :class:`SkipCounter` under its name. Positions never shift, so a resumed run
+  starts at ``start_batch * B`` without reading or decoding what was already trained on.
+- Images decode with :func:`gpt2_effnet.image_input.decode_rgb` (Pillow) in parallel
+  tf.data calls: the pixels every other reader gives, one set of formats everywhere.
+- Captions are tokenised once, up front, for a caption file; shard pipelines tokenise
+  once per batch.
+- A small set (see :class:`ImageCache`) is decoded once and served from memory in later epochs.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -22,9 +30,21 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from gpt2_effnet.data.captions import CaptionSet, Pair, find_missing
+from gpt2_effnet.data.sample_order import worker_slice
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+__all__ = [
+    "PipelineSpec",
+    "SkipCounter",
+    "Tokenizer",
+    "caption_dataset",
+    "decode_parallelism",
+    "pipeline_options",
+    "text_tokenizer_fn",
+    "worker_slice",
+]
 
 
 class Tokenizer(Protocol):
@@ -33,109 +53,80 @@ class Tokenizer(Protocol):
     def batch_encode(self, texts: Sequence[str], max_length: int, add_bos: bool = True, add_eos: bool = True) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def _counter_key() -> "tf.Tensor":
-    import tensorflow as tf
-
-    return tf.zeros([1], tf.int64)
-
-
 class SkipCounter:
-    """Samples one worker's pipeline dropped: `missing` (file absent, known up front) and
-    `unreadable` (decode failed). Read it at the end of an epoch.
+    """Samples one pipeline could not use, by kind, with the first few named.
 
-    Bad files fail every epoch, so once every sample has been through the pipeline once,
-    `skipped` is also the per-epoch count. Unreadable samples are tracked by index in two
-    hash tables (attempted, decoded), which makes the count exact even with parallel,
-    out-of-order decoding; only during the very first pass can samples still in flight be
-    counted (they leave the count as soon as they are decoded).
+    ``missing``: no image file, no image or caption in a shard sample, a shard that could not
+    be opened or ended early. ``unreadable``: the image did not decode or its header
+    announced more pixels than allowed. ``attempted`` counts images tried. Pipelines call it
+    from their reading and decoding threads (it locks); the loop reads it at log lines.
     """
 
+    KEEP_NAMES = 10
+
     def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.num_samples = 0  # positions this pipeline reads per epoch (when known)
         self.missing = 0
-        self.num_samples = 0  # samples this worker tries to read per epoch (missing excluded)
-        self._attempted = None
-        self._decoded = None
-        self._dropped = None
-        self._describe: Callable[[int], str] = str
+        self.unreadable = 0
+        self.attempted = 0
+        self._names: list[str] = []
+        self._missing_names: list[str] = []
 
-    def bind(self, num_samples: int, missing: int, describe: Callable[[int], str] | None = None) -> None:
-        """Attach to one pipeline: it reads `num_samples` samples (index 0..n-1), `missing` were dropped up front.
+    def bind(self, num_samples: int, missing: int = 0) -> None:
+        """Attach to one pipeline: it reads ``num_samples`` positions; ``missing`` are known bad up front."""
+        with self._lock:
+            self.num_samples = num_samples
+            self.missing += missing
 
-        `describe(index)` names a sample in reports (a path, or tar:member).
-        """
-        import tensorflow as tf
+    def add_missing(self, name: str, count: int = 1) -> None:
+        with self._lock:
+            self.missing += count
+            if len(self._missing_names) < self.KEEP_NAMES:
+                self._missing_names.append(name)
 
-        if self._attempted is not None:
-            raise RuntimeError("a SkipCounter belongs to one pipeline; create a new one for each")
-        self.num_samples = num_samples
-        self.missing = missing
-        if describe is not None:
-            self._describe = describe
-        # Hash tables, not variables: a tf.distribute strategy scope would mirror a variable.
-        with tf.device("/cpu:0"):
-            self._attempted = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
-            self._decoded = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
-            # Samples dropped where no index is known (DALI's over-limit images): one counter, key 0.
-            self._dropped = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
+    def add_decoded(self) -> None:
+        with self._lock:
+            self.attempted += 1
 
-    def _mark(self, table: "tf.lookup.experimental.MutableHashTable", index: "tf.Tensor") -> "tf.Operation":
-        import tensorflow as tf
-
-        key = tf.reshape(tf.cast(index, tf.int64), [1])
-        return table.insert(key, tf.ones([1], tf.int64))
-
-    def track(self, index: "tf.Tensor", decode: Callable[[], "tf.Tensor"]) -> "tf.Tensor":
-        """Graph code: ``decode()`` for sample `index`, counted as attempted before and decoded after.
-
-        A sample whose decode raises (and is then dropped by ``ignore_errors``) stays
-        attempted but not decoded: that difference is the unreadable count.
-        """
-        import tensorflow as tf
-
-        if self._attempted is None:
-            raise RuntimeError("bind() the SkipCounter to its pipeline first")
-        with tf.control_dependencies([self._mark(self._attempted, index)]):
-            image = decode()
-        with tf.control_dependencies([image]):  # marked decoded only if decoding succeeded
-            done = self._mark(self._decoded, index)
-        with tf.control_dependencies([done]):
-            return tf.identity(image)
-
-    def add_unreadable(self, count: "tf.Tensor") -> "tf.Operation":
-        """Graph code: count ``count`` more unreadable samples that have no index (not named in reports)."""
-        import tensorflow as tf
-
-        key = tf.zeros([1], tf.int64)
-        total = self._dropped.lookup(key) + tf.reshape(tf.cast(count, tf.int64), [1])
-        return self._dropped.insert(key, total)
-
-    @property
-    def unreadable(self) -> int:
-        if self._attempted is None:
-            return 0
-        dropped = int(self._dropped.lookup(_counter_key())[0])
-        return int(self._attempted.size()) - int(self._decoded.size()) + dropped
-
-    @property
-    def attempted(self) -> int:
-        """Distinct samples read at least once (== num_samples after the first full pass)."""
-        return 0 if self._attempted is None else int(self._attempted.size())
+    def add_unreadable(self, name: str) -> None:
+        with self._lock:
+            self.attempted += 1
+            self.unreadable += 1
+            if len(self._names) < self.KEEP_NAMES:
+                self._names.append(name)
 
     @property
     def skipped(self) -> int:
         return self.missing + self.unreadable
 
+    @classmethod
+    def combined(cls, counters: Sequence["SkipCounter"]) -> "SkipCounter":
+        """A snapshot summing several pipelines' counters (names: the first few of each)."""
+        total = cls()
+        for counter in counters:
+            with counter._lock:
+                total.num_samples += counter.num_samples
+                total.missing += counter.missing
+                total.unreadable += counter.unreadable
+                total.attempted += counter.attempted
+                total._names += counter._names
+                total._missing_names += counter._missing_names
+        return total
+
     def unreadable_samples(self, limit: int = 10) -> list[str]:
-        """Up to `limit` samples (file paths, or tar:member) that failed to decode."""
-        if self._attempted is None:
-            return []
-        attempted = set(self._attempted.export()[0].numpy().tolist())
-        decoded = set(self._decoded.export()[0].numpy().tolist())
-        return [self._describe(i) for i in sorted(attempted - decoded)[:limit]]
+        """Up to ``limit`` samples (file paths, or shard:key with the reason) that failed to decode."""
+        with self._lock:
+            return list(self._names[:limit])
+
+    def missing_samples(self, limit: int = 10) -> list[str]:
+        with self._lock:
+            return list(self._missing_names[:limit])
 
     def summary(self) -> str:
-        text = f"skipped {self.skipped} of {self.num_samples + self.missing} samples ({self.missing} missing, {self.unreadable} unreadable)"
-        bad = self.unreadable_samples(3) if self.unreadable else []
+        text = (f"skipped {self.skipped} of {self.attempted + self.missing} samples "
+                f"({self.missing} missing, {self.unreadable} unreadable)")
+        bad = self.unreadable_samples(3)
         if bad:
             text += "; unreadable: " + ", ".join(bad) + (", ..." if self.unreadable > len(bad) else "")
         return text
@@ -145,11 +136,12 @@ class SkipCounter:
 class PipelineSpec:
     """What the training loop asks of any pipeline (CSV/COCO, shards via tf.data, shards via DALI).
 
-    Worker `shard_index` of `num_shards` reads its own share. With `repeat` the stream is
-    endless and reshuffles every epoch (same seed, same sequence); without it one epoch is
-    yielded. `deterministic` (default: only when not shuffling) keeps the shuffled order
-    exactly reproducible from the seed, at some cost in throughput when read times vary.
-    `shuffle_buffer` applies to shard readers (a CSV's rows are shuffled whole).
+    Pipeline ``shard_index`` of ``num_shards`` (one per replica in the cluster) reads its own
+    share. Without ``repeat`` one epoch is yielded, from batch ``start_batch`` on (a resumed
+    run); with it the stream is endless (each epoch reshuffled). ``shuffle_buffer`` is the
+    block of samples shuffled together by shard readers (a caption file's rows are shuffled
+    whole). ``epoch`` seeds shard readers' orders with ``seed``. ``resampled``: shard
+    readers draw shards with replacement (endless; see :mod:`.sample_order`).
     """
 
     image_size: int
@@ -166,21 +158,41 @@ class PipelineSpec:
     # Images whose header announces more pixels are skipped (counted) before decoding;
     # None: no limit. Training passes train.max_image_pixels.
     max_image_pixels: int | None = None
+    start_batch: int = 0
+    epoch: int = 0
+    resampled: bool = False
+    # Decoding calls in flight; None: this machine's cores shared by the pipelines in this process.
+    parallelism: int | None = None
+    pipelines_here: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "max_length", "batch_size", "shuffle_buffer"):
+        for name in ("image_size", "max_length", "batch_size", "shuffle_buffer", "pipelines_here"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {self.start_batch}")
         worker_slice(0, self.num_shards, self.shard_index)  # checks the shard numbers
 
     @property
     def ordered(self) -> bool:
-        """Whether output order must follow input order exactly."""
-        return (not self.shuffle) if self.deterministic is None else bool(self.deterministic)
+        """Whether output order follows the sample order exactly (default: always; resume needs it)."""
+        return True if self.deterministic is None else bool(self.deterministic)
+
+    @property
+    def start_position(self) -> int:
+        return self.start_batch * self.batch_size
 
     def where(self) -> str:
-        return f" (worker {self.shard_index} of {self.num_shards})" if self.num_shards > 1 else ""
+        return f" (pipeline {self.shard_index} of {self.num_shards})" if self.num_shards > 1 else ""
+
+
+def decode_parallelism(spec: PipelineSpec) -> int:
+    """Decoding calls in flight: every core, shared by this process's pipelines (one per local replica)."""
+    if spec.parallelism is not None:
+        return max(1, spec.parallelism)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // spec.pipelines_here)
 
 
 def pipeline_options(deterministic: bool) -> "tf.data.Options":
@@ -191,22 +203,12 @@ def pipeline_options(deterministic: bool) -> "tf.data.Options":
     # tf.data's autotuner is off. Its optimisation thread sleeps between rounds for a period
     # that doubles up to a minute, and deleting an iterator waits for that thread to wake:
     # measured with TF 2.21, an iterator that lived 50 s took 31.9 s to delete (a stall at
-    # every epoch end and before validation; 44 s in one demo run). Off, AUTOTUNE still
-    # means min(16, cores) parallel calls and a self-sizing prefetch buffer; decoding the
-    # demo's JPEGs ran as fast (2 cores: 2370-2520 vs 2040-2420 images/s).
+    # every epoch end and before validation). Parallelism is set explicitly instead.
     options.autotune.enabled = False
-    # We shard per worker ourselves (shard_index/num_shards); auto-sharding would shard again.
+    # We shard per pipeline ourselves (shard_index/num_shards); auto-sharding would shard again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    # The skip tables and tokeniser calls are external state; let iterator checkpoints ignore them.
     options.experimental_external_state_policy = tf.data.experimental.ExternalStatePolicy.IGNORE
     return options
-
-
-def worker_slice(n: int, num_shards: int, shard_index: int) -> tuple[int, int]:
-    """Contiguous [start, stop) share of `n` samples, the same split DALI's readers use."""
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"need 0 <= shard_index < num_shards, got shard_index={shard_index}, num_shards={num_shards}")
-    return n * shard_index // num_shards, n * (shard_index + 1) // num_shards
 
 
 def compact_ids(token_ids: np.ndarray) -> np.ndarray:
@@ -214,14 +216,14 @@ def compact_ids(token_ids: np.ndarray) -> np.ndarray:
     return token_ids.astype(np.uint16) if token_ids.size == 0 or token_ids.max() < 2**16 else token_ids.astype(np.int32)
 
 
-def to_batch(images: "tf.Tensor", ids: "tf.Tensor", lengths: "tf.Tensor", max_length: int) -> dict[str, "tf.Tensor"]:
-    """Rebuild the training batch dict from compact ids and lengths (mask = 1 on the first `length` places)."""
+def batch_dict(images: "tf.Tensor", token_ids: "tf.Tensor", mask: "tf.Tensor", ok: "tf.Tensor") -> dict[str, "tf.Tensor"]:
+    """The training batch: rows whose sample was unusable keep their place with an all-zero mask."""
     import tensorflow as tf
 
     return {
         "images": images,
-        "token_ids": tf.cast(ids, tf.int32),
-        "mask": tf.cast(tf.sequence_mask(lengths, max_length), tf.int32),
+        "token_ids": tf.cast(token_ids, tf.int32),
+        "mask": tf.cast(mask, tf.int32) * tf.cast(ok, tf.int32)[:, None],
     }
 
 
@@ -232,76 +234,102 @@ def caption_dataset(
     skips: SkipCounter | None = None,
     cache: "ImageCache | None" = None,
 ) -> "tf.data.Dataset":
-    """Batches of {"images", "token_ids", "mask"} for this worker's share of `pairs`.
+    """Batches of {"images", "token_ids", "mask"} for this pipeline's share of ``pairs``.
 
-    Worker `shard_index` reads a contiguous 1/num_shards of the rows. Pass a `SkipCounter`
-    as `skips` to read how many samples were dropped, and which; an `ImageCache` that
-    lives across epochs to decode a small set only once.
+    Pipeline ``shard_index`` reads a contiguous 1/num_shards of the rows whose image file
+    exists (rows with a missing file are counted in ``skips`` once, up front). Shuffling
+    permutes the share with a generator seeded by ``spec.seed``, so a resumed epoch skips its
+    first ``start_batch`` batches before anything is read.
     """
     import tensorflow as tf
 
-    from gpt2_effnet.data.images import decode_and_resize
+    from gpt2_effnet.data.images import decode_images
 
     if isinstance(pairs, CaptionSet):
         all_pairs, missing = list(pairs.pairs), pairs.missing
     else:
         all_pairs = [(str(p), str(c)) for p, c in pairs]
         missing = find_missing([p for p, _ in all_pairs])
-    start, stop = worker_slice(len(all_pairs), spec.num_shards, spec.shard_index)
-    share = all_pairs[start:stop]
-    present = [p for p in share if p[0] not in missing]
-    if not present:
-        raise ValueError(f"no readable samples{spec.where()}: {len(share)} rows, all of their image files are missing")
+    present = [p for p in all_pairs if p[0] not in missing]
+    start, stop = worker_slice(len(present), spec.num_shards, spec.shard_index)
+    share = present[start:stop]
+    if not share:
+        raise ValueError(f"no readable samples{spec.where()}: {len(all_pairs)} rows, {len(all_pairs) - len(present)} "
+                         "of their image files missing")
     skips = skips if skips is not None else SkipCounter()
-    skips.bind(len(present), len(share) - len(present), describe=lambda i: present[i][0])
+    # Missing rows count once, against the pipeline that would have read them.
+    missing_here = len(all_pairs) - len(present) if spec.shard_index == 0 else 0
+    skips.bind(len(share), missing_here)
 
-    paths = [p for p, _ in present]
-    token_ids, mask = tokenizer.batch_encode([c for _, c in present], spec.max_length)
+    paths = [p for p, _ in share]
+    token_ids, mask = tokenizer.batch_encode([c for _, c in share], spec.max_length)
     lengths = mask.sum(axis=1).astype(np.int32)
     ids = compact_ids(token_ids)
     cached = cache.images(paths, spec) if cache is not None else None
     sources = np.array(paths, dtype=object) if cached is None else cached.rows
 
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(present), dtype=np.int64), sources, ids, lengths))
-    if spec.shuffle:
-        ds = ds.shuffle(len(present), seed=spec.seed, reshuffle_each_iteration=True)
+    def epoch_order(epoch: int) -> np.ndarray:
+        if not spec.shuffle:
+            return np.arange(len(share), dtype=np.int64)
+        seed = 0 if spec.seed is None else int(spec.seed)
+        return np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(len(share)).astype(np.int64)
+
     if spec.repeat:
-        ds = ds.repeat()
+        rows = tf.data.Dataset.range(1 << 62).map(
+            lambda e: tf.numpy_function(lambda x: epoch_order(int(x)), [e], tf.int64, stateful=False)
+        ).unbatch()
+    else:
+        rows = tf.data.Dataset.from_tensor_slices(epoch_order(0))
+    rows = rows.skip(spec.start_position)
 
+    def lookup(row: tf.Tensor):
+        return row, tf.gather(sources, row), tf.gather(ids, row), tf.gather(lengths, row)
+
+    ds = rows.map(lookup)
+    size = spec.image_size
     if cached is None:
-        def load(index: tf.Tensor, path: tf.Tensor, row: tf.Tensor, length: tf.Tensor):
-            image = skips.track(
-                index, lambda: decode_and_resize(tf.io.read_file(path), spec.image_size, spec.max_image_pixels)
-            )
-            return image, row, length
+        def load(row: tf.Tensor, path: tf.Tensor, token_row: tf.Tensor, length: tf.Tensor):
+            image, ok = decode_images(path, path, size, spec.max_image_pixels, skips, from_path=True)
+            return image, token_row, length, ok
 
-        gather = to_batch
+        ds = ds.map(load, num_parallel_calls=decode_parallelism(spec), deterministic=spec.ordered)
+        gather = None
     else:
         readable = tf.constant(cached.readable)
         stored = cached.tensor
+        names = np.array(paths, dtype=object)
 
-        def load(index: tf.Tensor, image: tf.Tensor, row: tf.Tensor, length: tf.Tensor):
-            def check() -> tf.Tensor:  # raises for an image that did not decode: dropped and counted as before
-                ok = tf.debugging.assert_equal(tf.gather(readable, image), True, message="unreadable image")
-                with tf.control_dependencies([ok]):
-                    return tf.identity(image)
+        def count(row: np.ndarray, image: np.ndarray) -> np.ndarray:
+            ok = bool(cached.readable[int(image)])
+            if ok:
+                skips.add_decoded()
+            else:
+                skips.add_unreadable(str(names[int(row)]))
+            return np.int32(ok)
 
-            return skips.track(index, check), row, length
+        def load(row: tf.Tensor, image: tf.Tensor, token_row: tf.Tensor, length: tf.Tensor):
+            ok = tf.numpy_function(count, [row, image], tf.int32, stateful=True)
+            ok.set_shape([])
+            return image, token_row, length, ok
 
-        def gather(images: tf.Tensor, rows: tf.Tensor, lengths: tf.Tensor, max_length: int) -> dict[str, tf.Tensor]:
-            return to_batch(tf.gather(stored, images), rows, lengths, max_length)
+        ds = ds.map(load)
+        gather = stored
 
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=spec.ordered)
-    ds = ds.ignore_errors()  # which files failed: skips.unreadable_samples()
     ds = ds.batch(spec.batch_size, drop_remainder=spec.drop_remainder)
-    ds = ds.map(lambda im, row, n: gather(im, row, n, spec.max_length), num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.prefetch(tf.data.AUTOTUNE)
+
+    def assemble(images: tf.Tensor, token_rows: tf.Tensor, row_lengths: tf.Tensor, ok: tf.Tensor) -> dict[str, tf.Tensor]:
+        if gather is not None:
+            images = tf.gather(gather, images)
+        return batch_dict(images, token_rows, tf.sequence_mask(row_lengths, spec.max_length), ok)
+
+    ds = ds.map(assemble)
+    ds = ds.prefetch(2)
     return ds.with_options(pipeline_options(deterministic=spec.ordered))
 
 
 @dataclass(frozen=True)
 class CachedImages:
-    """One worker's decoded images: ``tensor [N, S, S, 3]`` float32, which decoded, and each row's image."""
+    """One pipeline's decoded images: ``tensor [N, S, S, 3]`` uint8, which decoded, and each row's image."""
 
     tensor: "tf.Tensor"
     readable: np.ndarray  # bool [N]
@@ -312,11 +340,11 @@ class ImageCache:
     """Decoded images of a caption set, kept across epochs when they fit a memory budget.
 
     A small set is read again every epoch (the demo: 5400 images, 11 epochs), and on a
-    2-core machine decoding 32 JPEGs costs ~26 ms of CPU per batch, taken from the train
-    step running beside it. Decoded once (the same `decode_and_resize`, so the same
-    pixels), the epochs after the first read memory. A set over the budget (COCO at
-    224 px: ~18 GB as float32) is streamed from disk as before. Unreadable images are
-    found in the first pass, and their rows are still dropped and counted as they come up.
+    2-core machine decoding takes CPU from the train step running beside it. Decoded once
+    (the same :func:`~gpt2_effnet.image_input.decode_rgb`, so the same pixels), the epochs
+    after the first read memory. A set over the budget (COCO at 224 px: ~18 GB as uint8)
+    is streamed from disk as before. Unreadable images are found in the first pass; their
+    rows are still masked and counted as they come up.
     """
 
     def __init__(self, budget_bytes: int) -> None:
@@ -327,35 +355,40 @@ class ImageCache:
         """The decoded images behind ``paths`` (one per row), or None when over the budget."""
         unique = sorted(set(paths))
         size = spec.image_size
-        if len(unique) * size * size * 3 * 4 > self.budget_bytes:
+        if len(unique) * size * size * 3 > self.budget_bytes:
             return None
         key = (tuple(unique), size, spec.max_image_pixels)
         if key not in self._kept:
-            self._kept.clear()  # one set at a time: another worker share or size replaces it
-            self._kept[key] = self._decode(unique, size, spec.max_image_pixels)
+            self._kept.clear()  # one set at a time: another share or size replaces it
+            self._kept[key] = self._decode(unique, size, spec.max_image_pixels, decode_parallelism(spec))
         tensor, readable = self._kept[key]
         position = {path: i for i, path in enumerate(unique)}
         return CachedImages(tensor, readable, np.array([position[p] for p in paths], np.int32))
 
     @staticmethod
-    def _decode(paths: list[str], size: int, max_pixels: int | None) -> tuple["tf.Tensor", np.ndarray]:
+    def _decode(paths: list[str], size: int, max_pixels: int | None, threads: int) -> tuple["tf.Tensor", np.ndarray]:
         import sys
         import time
+        from concurrent.futures import ThreadPoolExecutor
 
         import tensorflow as tf
         from tqdm import tqdm
 
-        from gpt2_effnet.data.images import decode_and_resize
+        from gpt2_effnet.image_input import decode_rgb
 
         start = time.perf_counter()
-        images = np.zeros((len(paths), size, size, 3), np.float32)
+        images = np.zeros((len(paths), size, size, 3), np.uint8)
         readable = np.zeros(len(paths), bool)
-        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths), dtype=np.int64), np.array(paths, dtype=object)))
-        ds = ds.map(lambda i, path: (i, decode_and_resize(tf.io.read_file(path), size, max_pixels)),
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-        for index, batch in ds.ignore_errors().batch(256).as_numpy_iterator():
-            images[index] = batch
-            readable[index] = True
+
+        def one(i: int) -> None:
+            try:
+                images[i] = decode_rgb(paths[i], size, max_pixels)
+                readable[i] = True
+            except Exception:  # found again, counted and named, when its rows come up
+                pass
+
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(len(paths))))
         tensor = tf.constant(images)
         # tqdm.write: the training loop's progress bar is usually on screen by now.
         tqdm.write(f"decoded {int(readable.sum())} of {len(paths)} images into memory "
@@ -364,17 +397,12 @@ class ImageCache:
 
 
 def text_tokenizer_fn(tokenizer: Tokenizer, max_length: int) -> Callable[["tf.Tensor"], tuple["tf.Tensor", "tf.Tensor"]]:
-    """Graph function: a batch of caption strings (or NUL-padded uint8 rows, as DALI hands them
-    over) -> (token_ids, mask). One Python call per *batch*: tokenising costs ~5-10 us per caption,
-    and the per-call overhead of a py-function is paid once per batch instead of per sample."""
+    """Graph function: a batch of caption strings -> (token_ids, mask). One Python call per *batch*:
+    tokenising costs ~5-10 us per caption, and a py-function's call overhead is paid once per batch."""
     import tensorflow as tf
 
     def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if texts.dtype == np.uint8:
-            rows = [bytes(r).rstrip(b"\0") for r in texts]
-        else:
-            rows = list(texts)
-        captions = [r.decode("utf-8", errors="replace").strip() for r in rows]
+        captions = [t.decode("utf-8", errors="replace").strip() for t in texts]
         if not captions:
             empty = np.zeros((0, max_length), np.int32)
             return empty, empty

@@ -3,8 +3,10 @@
 ``serving_default`` takes ``images``: a ``tf.string`` vector of encoded files (JPEG, PNG,
 GIF, BMP, WebP; any size) and returns, per image, ``captions`` (UTF-8 strings),
 ``token_ids`` (``int32 [N, max_new_tokens]``, EOS then padding after the caption),
-``scores`` and ``ok``. Everything happens inside the graph: decoding and resizing (the
-training pipeline's own :func:`~gpt2_effnet.data.images.decode_and_resize`), the encoder,
+``scores`` and ``ok``. Everything happens inside the graph: decoding and resizing (in
+TensorFlow ops that follow :func:`gpt2_effnet.image_input.decode_rgb`, the reader training
+and captioning use: JPEGs decoded at libjpeg's reduced scales where Pillow's would be, an
+antialiased bilinear resize, rounded to whole levels), the encoder,
 the compiled decode loop with its static cache (greedy, beam or sampling, fixed at export
 time) and detokenisation by table lookup. A row whose bytes do not decode (or whose header
 announces more than ``train.max_image_pixels`` pixels, for JPEG/PNG/GIF/BMP) gets an empty
@@ -24,7 +26,6 @@ import numpy as np
 import tensorflow as tf
 
 from ..captioner import Captioner
-from ..data.images import decode_and_resize
 from ..decoding.api import decode_function, make_config
 from ..decoding.precision import HEAD_ONLY
 from ..tokenizer import GPT2Tokenizer
@@ -73,6 +74,39 @@ def header_pixels(data: tf.Tensor) -> tf.Tensor:
         ],
         default=lambda: tf.constant(-1, tf.int64),
     )
+
+
+def _jpeg_scale(data: tf.Tensor, size: int) -> tf.Tensor:
+    """The reduced scale (1, 2, 4 or 8) Pillow's ``draft`` picks for a JPEG bound for ``size`` px."""
+    shape = tf.image.extract_jpeg_shape(data)
+    fits = tf.minimum(shape[0] // size, shape[1] // size)
+    return tf.case([(fits >= 8, lambda: 8), (fits >= 4, lambda: 4), (fits >= 2, lambda: 2)], default=lambda: 1)
+
+
+def decode_and_resize(data: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Encoded bytes (JPEG, PNG, GIF, BMP, WebP) -> float32 ``[S, S, 3]`` of whole levels in 0..255.
+
+    TensorFlow ops only (a SavedModel carries no Python), reproducing
+    :func:`gpt2_effnet.image_input.decode_rgb`: libjpeg's accurate integer IDCT at the scale
+    Pillow's draft mode would choose, three channels, an animation's first frame, then an
+    antialiased bilinear resize (tests bound the difference to Pillow's at one level).
+    """
+
+    def jpeg() -> tf.Tensor:
+        scale = _jpeg_scale(data, image_size)
+        branches = {r: (lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r, dct_method="INTEGER_ACCURATE"))
+                    for r in (1, 2, 4, 8)}
+        return tf.switch_case(tf.cast(tf.math.log(tf.cast(scale, tf.float32)) / tf.math.log(2.0) + 0.5, tf.int32),
+                              [branches[1], branches[2], branches[4], branches[8]])
+
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        jpeg,
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False, dtype=tf.uint8),
+    )
+    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+    image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
+    return tf.ensure_shape(image, [image_size, image_size, 3])
 
 
 class CaptionModule:

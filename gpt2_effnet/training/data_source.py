@@ -26,10 +26,13 @@ class DataRequest:
 
     epoch: int
     batch_size: int  # examples per dataset element = per-replica batch
-    num_shards: int  # input pipelines in the cluster (workers)
+    num_shards: int  # input pipelines in the cluster (one per replica)
     shard_index: int  # this pipeline's index
     seed: int  # train.seed + epoch: a fresh, reproducible order every epoch
     shuffle: bool  # False for validation
+    start_batch: int = 0  # batches of this epoch already trained on (a resumed run): skip them unread
+    device_index: int = 0  # this pipeline's replica among the ones of this process (its GPU)
+    pipelines_here: int = 1  # pipelines in this process, sharing its cores
 
 
 @dataclass
@@ -77,7 +80,7 @@ class DataSource:
                 order = np.random.default_rng(request.seed).permutation(count)
             order = order[request.shard_index :: request.num_shards]
             data = {key: value[order] for key, value in arrays.items()}
-            return tf.data.Dataset.from_tensor_slices(data).batch(request.batch_size)
+            return tf.data.Dataset.from_tensor_slices(data).batch(request.batch_size).skip(request.start_batch)
 
         return cls(make, num_examples=count, description=dict(description or {"source": "in-memory", "rows": count}))
 

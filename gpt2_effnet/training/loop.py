@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -174,12 +175,13 @@ class Trainer:
         self.train_step = build_train_step(self.model, self.optimizer, self.strategy, cfg, self.config.optim)
         self.eval_step = build_eval_step(self.model, self.strategy, cfg.jit_compile)
         self._stop: str | None = None
+        self._signal_vote = 0  # the signal this worker received (0: none), voted on at each step
+        self._pending_vote: Any = None  # the agreed vote of the last step, read one step later
         self._best_val = float(self.state.best_val_loss.numpy())
         self._last_saved: int | None = self.resumed_from
         self._last_path: str | None = self.checkpointer.latest
         self._window = MetricWindow()
         self._named_skips: set[str] = set()
-        self._unreadable_seen: tuple[int, int] = (0, 0)
 
     def close(self) -> None:
         """Give the run folder back (fit() does this when it ends)."""
@@ -266,15 +268,21 @@ class Trainer:
     def _train_epoch(self, window: MetricWindow, history: list[dict[str, Any]]) -> bool:
         """Step through the rest of the current epoch; True if it ended, False if the run did (or was stopped)."""
         cfg = self.config.train
+        # The epoch's input starts at its next unread batch: a resumed run reads nothing twice.
         batches = iter(self._distributed_dataset(self.data, self.epoch, self.batch_in_epoch, shuffle=True))
         steps_before = self.step
         while not self._finished() and self._stop is None:
             if self._epoch_full():
                 break
+            waiting = time.perf_counter()
             optional = batches.get_next_as_optional()
-            if not bool(optional.has_value()):
+            has_value = bool(optional.has_value())
+            waited = time.perf_counter() - waiting
+            if not has_value:
                 break
-            window.add(self.train_step(optional.get_value()))
+            outputs = self.train_step(optional.get_value(), self._signal_vote)
+            window.add(outputs, waited)
+            self._agree_to_stop(outputs[3])
             self._start_run_files()
             self.step += 1
             self.batch_in_epoch += 1
@@ -288,7 +296,6 @@ class Trainer:
             self._save_if_due()
         else:
             return False
-        _drain(batches)
         if self.step == steps_before and self.batch_in_epoch == 0:
             self._no_full_batch()
         return True
@@ -315,6 +322,9 @@ class Trainer:
         return cfg.epochs is not None and self.epoch >= cfg.epochs
 
     def _end_epoch(self) -> None:
+        skips = self._skip_status()
+        if skips is not None:
+            self._check_skip_rate(skips)
         if self.data.skipped is not None:
             skipped = self.data.skipped()
             where = f" on worker {self.worker.index}" if self.worker.num_workers > 1 else ""
@@ -385,19 +395,20 @@ class Trainer:
             return None
         seen = counter.attempted + counter.missing
         status = {"skipped": counter.skipped, "seen": seen, "rate": counter.skipped / seen if seen else 0.0}
-        # Naming files reads the skip tables whole: only when this epoch's count has grown.
-        seen_now = (id(counter), counter.unreadable)
-        if counter.unreadable and seen_now != self._unreadable_seen and len(self._named_skips) < 10:
-            self._unreadable_seen = seen_now
-            new = [f for f in counter.unreadable_samples(10) if f not in self._named_skips][: 10 - len(self._named_skips)]
+        for kind, names in (("unreadable image(s)", counter.unreadable_samples(10)),
+                            ("sample(s)", counter.missing_samples(10))):
+            new = [f for f in names if f not in self._named_skips][: max(0, 20 - len(self._named_skips))]
             if new:
                 self._named_skips.update(new)
-                self.reporter.emit(f"skipping unreadable image(s): {', '.join(new)}")
+                self.reporter.emit(f"skipping {kind}: {', '.join(new)}")
         return status
 
     def _check_skip_rate(self, skips: Mapping[str, Any]) -> None:
+        """Stop a run whose data is mostly unusable: once 200 samples were read (or a whole
+        epoch of a smaller set), more than ``train.max_skip_rate`` of them skipped."""
         limit = self.config.train.max_skip_rate
-        if skips["seen"] >= 200 and skips["rate"] > limit:
+        enough = min(200, self.data.num_examples or 200)
+        if skips["seen"] >= enough and skips["rate"] > limit:
             raise TrainingStopped(
                 f"{skips['skipped']} of the {skips['seen']} samples read so far were unreadable or missing "
                 f"({skips['rate']:.0%} > train.max_skip_rate {limit:.0%}); check the image folder and paths "
@@ -405,30 +416,62 @@ class Trainer:
             )
 
     # -- data ------------------------------------------------------------------------------
-    def _distributed_dataset(self, source: DataSource, epoch: int, skip_steps: int, shuffle: bool) -> Any:
+    def _distributed_dataset(self, source: DataSource, epoch: int, start_batch: int, shuffle: bool) -> Any:
+        """One input pipeline per replica, each reading its own share from ``start_batch`` on.
+
+        Every worker builds one pipeline per local replica (with DALI each decodes on its own
+        replica's GPU; with tf.data they share the process's cores) and deals their batches
+        out in turn, which is the order ``tf.distribute`` hands a worker's batches to its
+        replicas: replica r trains on pipeline r. (``InputReplicationMode.PER_REPLICA`` would
+        say the same, but only MirroredStrategy has it.) Batches reach their device as uint8.
+        """
         global_batch = self.config.train.batch_size
         seed = self.config.train.seed + epoch
+        local = max(1, self.strategy.num_replicas_in_sync // self.worker.num_workers)
 
         def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-            request = DataRequest(
-                epoch=epoch,
-                batch_size=context.get_per_replica_batch_size(global_batch),
-                num_shards=context.num_input_pipelines,
-                shard_index=context.input_pipeline_id,
-                seed=seed,
-                shuffle=shuffle,
-            )
-            dataset = source.make_dataset(request)
-            if skip_steps:
-                # Each step takes one batch per local replica from this pipeline.
-                per_pipeline = context.num_replicas_in_sync // context.num_input_pipelines
-                dataset = dataset.skip(skip_steps * per_pipeline)
-            return dataset
+            pipelines = []
+            for replica in range(local):
+                request = DataRequest(
+                    epoch=epoch,
+                    batch_size=context.get_per_replica_batch_size(global_batch),
+                    num_shards=context.num_input_pipelines * local,
+                    shard_index=context.input_pipeline_id * local + replica,
+                    seed=seed,
+                    shuffle=shuffle,
+                    start_batch=start_batch,
+                    device_index=replica,
+                    pipelines_here=local,
+                )
+                pipelines.append(source.make_dataset(request))
+            if local == 1:
+                return pipelines[0]
+            turns = tf.data.Dataset.range(local).repeat()
+            return tf.data.Dataset.choose_from_datasets(pipelines, turns, stop_on_empty_dataset=True)
 
         options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
         return self.strategy.distribute_datasets_from_function(dataset_fn, options)
 
-    # -- signals ---------------------------------------------------------------------------
+    def _agree_to_stop(self, vote: Any) -> None:
+        """Stop at a step every worker agrees on (a SIGTERM to any one of them stops them all).
+
+        One worker alone: its own signal decides (the handler set ``_stop``). Several: each
+        step all-reduces the workers' votes; the loop reads the result of the step *before*
+        the one just queued (reading the newest would make the host wait for the device each
+        step), so every worker stops after the same step and the checkpoint save, a
+        collective, finds all of them there.
+        """
+        if self.worker.num_workers == 1:
+            return
+        previous, self._pending_vote = self._pending_vote, vote
+        if previous is not None:
+            sigint, sigterm = (float(v) for v in previous.numpy())
+            if (sigint or sigterm) and self._stop is None:
+                self._stop = "SIGTERM" if sigterm else "SIGINT"
+                if not self._signal_vote:
+                    self.reporter.emit(f"worker {self.worker.index}: another worker was stopped by {self._stop}; "
+                                       "saving a checkpoint with the others")
+
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
@@ -436,9 +479,11 @@ class Trainer:
 
         def handler(signum: int, frame: Any) -> None:
             name = signal.Signals(signum).name
-            if self._stop is not None:  # a second Ctrl-C: stop now, without saving
+            if self._stop is not None or self._signal_vote:  # a second Ctrl-C: stop now, without saving
                 raise KeyboardInterrupt
-            self._stop = name
+            self._signal_vote = int(signum)
+            if self.worker.num_workers == 1:
+                self._stop = name
             print(f"\n{name}: saving a checkpoint after this step (again to quit at once)", file=sys.stderr, flush=True)
 
         for sig in previous:
@@ -449,18 +494,6 @@ class Trainer:
                 signal.signal(sig, old)
 
         return restore
-
-
-def _drain(iterator: Any, limit: int = 64) -> None:
-    """Read what is left of an epoch (less than a global batch) so skip counts are final.
-
-    Pipelines read ahead; stopping at the last full step could leave samples in flight,
-    which a skip counter cannot yet tell from unreadable ones. Under multi-worker every
-    worker drains together: ``has_value`` is agreed across workers.
-    """
-    for _ in range(limit):
-        if not bool(iterator.get_next_as_optional().has_value()):
-            return
 
 
 def train(

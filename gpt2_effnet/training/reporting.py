@@ -21,25 +21,29 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricWindow:
-    """Token-weighted sums between two log lines.
+    """Token-weighted sums between two log lines, and the time spent waiting for input.
 
     Step outputs stay tensors until the log line: reading them every step would make the
-    host wait for the device after each step instead of queueing the next one.
+    host wait for the device after each step instead of queueing the next one. ``data_wait``
+    is the time the loop spent blocked on the input pipeline: near 0 when the device is
+    the bottleneck, near the whole window when the loader is.
     """
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.pending: list[tuple[Any, Any, Any]] = []
+        self.pending: list[tuple[Any, ...]] = []
         self.start = time.perf_counter()
+        self.data_wait = 0.0
 
     @property
     def steps(self) -> int:
         return len(self.pending)
 
-    def add(self, outputs: tuple[Any, Any, Any]) -> None:
-        self.pending.append(outputs)
+    def add(self, outputs: tuple[Any, ...], data_wait: float = 0.0) -> None:
+        self.pending.append(tuple(outputs[:3]))
+        self.data_wait += data_wait
 
     def totals(self) -> tuple[float, float, float]:
         """(cross-entropy sum, correct tokens, tokens) over the window; waits for its last step."""
@@ -131,9 +135,12 @@ class Reporter:
             "learning_rate": learning_rate,
             "images_per_sec": window.steps * batch_size / elapsed,
             "tokens": tokens,
+            # The share of the window the loop waited for input: a loader-bound run shows it.
+            "data_wait": min(window.data_wait / elapsed, 1.0),
         }
-        scalar_keys = ["loss", "accuracy", "learning_rate", "images_per_sec"]
-        postfix = {"loss": f"{record['loss']:.4f}", "acc": f"{record['accuracy']:.3f}", "img_s": f"{record['images_per_sec']:.1f}"}
+        scalar_keys = ["loss", "accuracy", "learning_rate", "images_per_sec", "data_wait"]
+        postfix = {"loss": f"{record['loss']:.4f}", "acc": f"{record['accuracy']:.3f}",
+                   "img_s": f"{record['images_per_sec']:.1f}", "wait": f"{record['data_wait']:.0%}"}
         if skips is not None:
             record.update(skipped=skips["skipped"], skip_rate=skips["rate"])
             scalar_keys += ["skipped", "skip_rate"]

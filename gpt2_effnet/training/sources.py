@@ -62,23 +62,34 @@ class _TokenizeOnce:
 
 
 class _EpochSkips:
-    """The skip counter of the most recent epoch's dataset (each pipeline needs a fresh one)."""
+    """The skip counters of the epoch being read: one per input pipeline (replica), summed.
+
+    The loop makes every pipeline of an epoch before the epoch's first step, so a request
+    for an epoch (or a pipeline) already counted starts a new set.
+    """
 
     def __init__(self) -> None:
-        self.current: Any = None
+        self._key: tuple[int, int] | None = None
+        self._counters: dict[int, Any] = {}
 
-    def fresh(self) -> Any:
+    def fresh(self, request: DataRequest) -> Any:
         from ..data.pipeline import SkipCounter
 
-        self.current = SkipCounter()
-        return self.current
+        key = (request.epoch, request.start_batch)
+        if key != self._key or request.shard_index in self._counters:
+            self._key, self._counters = key, {}
+        counter = self._counters[request.shard_index] = SkipCounter()
+        return counter
 
     def count(self) -> int:
-        return 0 if self.current is None else int(self.current.skipped)
+        combined = self.counter()
+        return 0 if combined is None else int(combined.skipped)
 
     def counter(self) -> Any:
-        """The live SkipCounter of the epoch being read (None before the first)."""
-        return self.current
+        """The live counts of the epoch being read, over its pipelines (None before the first)."""
+        from ..data.pipeline import SkipCounter
+
+        return SkipCounter.combined(list(self._counters.values())) if self._counters else None
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
@@ -93,7 +104,7 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def pipeline_spec(config: CaptionerConfig, request: DataRequest, training: bool) -> Any:
-    """What every pipeline is told for one epoch on one worker: one finite pass."""
+    """What every pipeline is told for one epoch on one replica: one finite pass from ``start_batch``."""
     from ..data.pipeline import PipelineSpec
 
     return PipelineSpec(
@@ -108,6 +119,10 @@ def pipeline_spec(config: CaptionerConfig, request: DataRequest, training: bool)
         drop_remainder=training,
         shuffle_buffer=max(config.train.shuffle_buffer, 1),
         max_image_pixels=config.train.max_image_pixels,
+        start_batch=request.start_batch,
+        epoch=request.epoch,
+        resampled=training and config.train.resampled,
+        pipelines_here=request.pipelines_here,
     )
 
 
@@ -125,6 +140,8 @@ def caption_source(
     from ..data.captions import read_captions
     from ..data.pipeline import ImageCache, caption_dataset
 
+    if training and config.train.resampled:
+        raise ValueError("train.resampled draws whole shards: it applies to --shards, not to a caption file")
     captions = read_captions(csv, coco, images, image_column, caption_column)
     print(captions.summary(), flush=True)
     if not captions.existing():
@@ -141,7 +158,7 @@ def caption_source(
 
     def make(request: DataRequest) -> Any:
         spec = pipeline_spec(config, request, training)
-        return caption_dataset(captions, tokenizer, spec, skips=skips.fresh(), cache=cache)
+        return caption_dataset(captions, tokenizer, spec, skips=skips.fresh(request), cache=cache)
 
     caption_file = Path(coco if coco is not None else csv)  # type: ignore[arg-type]
     description = {
@@ -172,8 +189,13 @@ def shard_source(
     loader: str = "tfdata",
     training: bool = True,
 ) -> DataSource:
-    """Webdataset shards (a brace pattern, or a list of paths/patterns) via DALI or the pure tf.data reader."""
-    from ..data.wds import plan_shards
+    """Webdataset shards (local, http(s), s3, gs, ``pipe:``; patterns, lists, index files) via tf.data or DALI.
+
+    The shard set is planned once, from per-shard counts (O(shards), no tar opened); each
+    epoch's pipelines then read their own shares. With ``train.resampled`` an epoch is
+    ``train.samples_per_epoch`` samples drawn shard by shard with replacement.
+    """
+    from ..data.shard_index import resolve
 
     if loader not in ("dali", "tfdata"):
         raise ValueError(f"--loader must be 'dali' or 'tfdata', got {loader!r}")
@@ -185,8 +207,10 @@ def shard_source(
                 "--loader dali: NVIDIA DALI or its TensorFlow plugin does not import here; "
                 "install nvidia-dali-cuda120 (and its TF plugin) or use --loader tfdata"
             )
-    plan = plan_shards(shards)
-    total = plan.num_samples
+    shard_set = resolve(shards)
+    if not shard_set.total:
+        raise ValueError(f"the {len(shard_set.urls)} shard(s) hold no samples")
+    resampled = training and config.train.resampled
     skips = _EpochSkips()
 
     def make(request: DataRequest) -> Any:
@@ -194,23 +218,20 @@ def shard_source(
         if loader == "dali":
             from ..data.dali import dali_dataset
 
-            return dali_dataset(shards, tokenizer, spec, skips=skips.fresh())
+            return dali_dataset(shard_set, tokenizer, spec, skips=skips.fresh(request), device_id=request.device_index)
         from ..data.wds import wds_dataset
 
-        return wds_dataset(shards, tokenizer, spec, skips=skips.fresh())
+        return wds_dataset(shard_set, tokenizer, spec, skips=skips.fresh(request))
 
+    description = {**shard_set.describe(), "resampled": resampled}
+    if shard_set.unopenable:
+        description["unopenable"] = len(shard_set.unopenable)
     return DataSource(
         make,
-        num_examples=total,
+        num_examples=config.train.samples_per_epoch if resampled else shard_set.total,
         skipped=skips.count,
         # The loader is left out: DALI and tf.data read the same samples, so a resume may switch.
-        description={
-            "kind": "shards",
-            "pattern": shards if isinstance(shards, str) else list(shards),
-            "tars": len(plan.paths),
-            "bytes": sum(os.path.getsize(p) for p in plan.paths),
-            "samples": total,
-        },
+        description=description,
         tokenizer=tokenizer,
         skip_counter=skips.counter,
     )

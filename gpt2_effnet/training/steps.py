@@ -1,7 +1,10 @@
 """The compiled train and eval steps, built once per run and called by the loop (and benchmarks).
 
 Each takes one distributed batch and returns ``(cross-entropy sum, correct tokens, tokens)``
-over the global batch, as tensors: the loop reads them only at log lines.
+over the global batch, as tensors: the loop reads them only at log lines. The train step
+also takes this worker's *stop vote* (the number of a signal it received, or 0) and returns
+the votes of all workers summed: every worker sees the same value after the same step, so
+a SIGTERM to any one of them stops them all at one step (see the loop).
 
 Gradients are exact whatever the split: each replica sums cross-entropy over its tokens
 and divides by the number of real tokens in the *global* batch, micro-batches
@@ -12,6 +15,7 @@ all compute the same update for the same examples.
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable, Mapping
 
 import keras
@@ -20,10 +24,11 @@ import tensorflow as tf
 from ..captioner import Captioner
 from ..config import OptimConfig, TrainConfig
 from .loss import masked_correct_sum, masked_cross_entropy_sum, next_token_split
+from .distribute import worker_info
 from .optim import clip_gradients
 
-StepOutputs = tuple[Any, Any, Any]
-Step = Callable[[Any], StepOutputs]
+StepOutputs = tuple[Any, ...]
+Step = Callable[..., StepOutputs]
 
 
 def build_train_step(
@@ -41,6 +46,7 @@ def build_train_step(
     watched = [v.value for v in variables]
     loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     replicas = strategy.num_replicas_in_sync
+    several_workers = worker_info(strategy).num_workers > 1
     accum = train.grad_accum_steps
     # XLA needs static shapes, so under jit_compile the head runs on every position.
     gather_targets = not train.jit_compile
@@ -82,11 +88,13 @@ def build_train_step(
         batch_gradients, jit_compile=train.jit_compile, reduce_retracing=True, autograph=accum > 1
     )
 
-    def replica_step(batch: Mapping[str, Any]) -> StepOutputs:
+    def replica_step(batch: Mapping[str, Any], stop_vote: Any) -> StepOutputs:
         context = tf.distribute.get_replica_context()
         tokens = tf.reduce_sum(tf.cast(batch["mask"][:, 1:], tf.float32))
         if replicas > 1:
             tokens = context.all_reduce(tf.distribute.ReduceOp.SUM, tokens)
+        if several_workers:  # one process alone knows its own signals
+            stop_vote = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(stop_vote))
         grads, loss_sum, correct = compiled_gradients(batch, tf.maximum(tokens, 1.0))
         if replicas > 1:
             grads = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -94,12 +102,18 @@ def build_train_step(
         scale = optimizer.dynamic_scale if loss_scaled else 1.0
         grads = clip_gradients(grads, optim.clipvalue, optim.global_clipnorm, scale=scale)
         optimizer.apply(grads, variables)
-        return loss_sum, correct, tokens
+        return loss_sum, correct, tokens, stop_vote
 
     @tf.function(autograph=False)
-    def train_step(distributed_batch: Any) -> StepOutputs:
-        outputs = strategy.run(replica_step, args=(distributed_batch,))
+    def compiled_step(distributed_batch: Any, stop_vote: Any) -> StepOutputs:
+        outputs = strategy.run(replica_step, args=(distributed_batch, stop_vote))
         return tuple(strategy.experimental_local_results(x)[0] for x in outputs)
+
+    def train_step(distributed_batch: Any, stop_vote: int = 0) -> StepOutputs:
+        """(loss sum, correct, tokens, votes) of one update; ``votes`` counts, over all replicas
+        of all workers, those whose worker received SIGINT and SIGTERM: ``[sigint, sigterm]``."""
+        vote = [float(stop_vote == signal.SIGINT), float(stop_vote == signal.SIGTERM)]
+        return compiled_step(distributed_batch, tf.constant(vote, tf.float32))
 
     return train_step
 
