@@ -29,11 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = data.add_mutually_exclusive_group(required=True)
     source.add_argument("--csv", help="CSV with one row per caption")
     source.add_argument("--coco", help="COCO captions JSON (captions_train2017.json layout)")
-    source.add_argument("--shards", help="webdataset shards, e.g. 'cc3m-{000000..000331}.tar'")
+    source.add_argument("--shards", help="webdataset shards: a pattern ('cc3m-{000000..000331}.tar'), URLs "
+                        "(http(s)://, s3://, gs://, 'pipe:CMD'), or a list/index file (gpt2-effnet shards index)")
     data.add_argument("--images", help="image folder for --csv/--coco (default: the caption file's folder)")
     data.add_argument("--image-column", default="image", help="CSV column with image paths (default: image)")
     data.add_argument("--caption-column", default="caption", help="CSV column with captions (default: caption)")
-    data.add_argument("--loader", choices=("dali", "tfdata"), default="tfdata", help="shard reader (default: tfdata)")
+    data.add_argument("--loader", choices=("dali", "tfdata"), default="tfdata",
+                      help="who decodes shard images: tfdata (Pillow on the CPU, default) or dali (on each GPU)")
     val = parser.add_argument_group("validation data (optional; same kind as the training data)")
     val.add_argument("--val-csv", help="validation CSV")
     val.add_argument("--val-coco", help="validation COCO captions JSON")
@@ -109,6 +111,9 @@ def build_trainer(args: argparse.Namespace) -> Any:
     """Everything ``main`` does short of training: the strategy, data, model, restored state."""
     from ..training import distribute
 
+    if args.shards and args.loader == "dali":
+        # DALI allocates GPU memory of its own beside TensorFlow's: TensorFlow must not take it all up front.
+        distribute.grow_gpu_memory()
     # The strategy first: MultiWorkerMirroredStrategy must set up collectives before any other TF work.
     strategy = distribute.make_strategy(args.strategy)
     from ..training.loop import Trainer

@@ -133,12 +133,12 @@ def resolve(
             for i, count in zip(unknown, pool.map(lambda i: count_from_neighbours(entries[i][0]), unknown)):
                 counts[i] = count
     to_read = [i for i in unknown if counts[i] is None]
+    problems: list[tuple[str, str]] = []
     if to_read:
         remote = sum(not locations.is_local(entries[i][0]) for i in to_read)
         if remote:
             say(f"counting the samples of {len(to_read)} shard(s) by reading them ({remote} remote); "
                 "run `gpt2-effnet shards index` once to write an index and skip this")
-        problems: list[tuple[str, str]] = []
 
         def read(i: int) -> int | None:
             try:
@@ -153,7 +153,9 @@ def resolve(
         for url, reason in problems:
             say(f"skipping shard {locations.redact(url)}: {locations.redact(reason)}")
     kept = [i for i in range(len(entries)) if counts[i] is not None]
-    left_out = tuple((entries[i][0], "could not be opened") for i in range(len(entries)) if counts[i] is None)
+    reasons = dict(problems)
+    left_out = tuple((entries[i][0], locations.redact(reasons.get(entries[i][0], "could not be opened")))
+                     for i in range(len(entries)) if counts[i] is None)
     return ShardSet(tuple(entries[i][0] for i in kept), tuple(int(counts[i]) for i in kept), left_out)  # type: ignore[arg-type]
 
 

@@ -57,6 +57,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     raise ValueError(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
 
 
+def grow_gpu_memory() -> None:
+    """Let TensorFlow take GPU memory as it needs it instead of nearly all of it at start.
+
+    DALI decodes on the same GPUs with memory of its own; with TensorFlow's default it would
+    find none left. Must run before TensorFlow touches a GPU (so: before the strategy).
+    """
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialised by the caller: its choice stands
+            pass
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     num_workers: int

@@ -195,6 +195,7 @@ def shard_source(
     epoch's pipelines then read their own shares. With ``train.resampled`` an epoch is
     ``train.samples_per_epoch`` samples drawn shard by shard with replacement.
     """
+    from ..data.locations import redact
     from ..data.shard_index import resolve
 
     if loader not in ("dali", "tfdata"):
@@ -208,6 +209,11 @@ def shard_source(
                 "install nvidia-dali-cuda120 (and its TF plugin) or use --loader tfdata"
             )
     shard_set = resolve(shards)
+    failed, named = len(shard_set.unopenable), len(shard_set.urls) + len(shard_set.unopenable)
+    if failed and (not shard_set.urls or failed / named > config.train.max_skip_rate):
+        url, reason = shard_set.unopenable[0]
+        raise ValueError(f"{failed} of the {named} shards could not be opened (more than train.max_skip_rate "
+                         f"{config.train.max_skip_rate:.0%}; the first: {redact(url)}: {reason}); check the paths")
     if not shard_set.total:
         raise ValueError(f"the {len(shard_set.urls)} shard(s) hold no samples")
     resampled = training and config.train.resampled
