@@ -183,18 +183,12 @@ def generate(
     0 on the padding) as in Hugging Face: padding is never attended to and positions count
     real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
-    recomputes the full prefix at every step (for checks and benchmarks).
-    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: 1.1-1.7x
-    faster at batch 32 on CPUs with bfloat16 matmuls (GPT-2 124M), slower at batch 1, and not
-    always the same tokens as float32 (see :mod:`~gpt2_effnet.decoding.precision`).
-    ``precision="bfloat16-head"`` (opt-in) keeps the blocks in float32 and reads a bfloat16
-    copy of the output head's table, with float32 logits: 1.15-1.25x faster at the seed's
-    configuration, not always the same tokens as float32 either.
-    ``backbone_precision="bfloat16"`` (opt-in, captioners) runs the image backbone in
-    bfloat16 (:meth:`ImageEncoder.call <gpt2_effnet.encoder.ImageEncoder.call>`).
-    How it is compiled follows a :class:`~.plan.DecodePlan` (:func:`plan_for` shows it):
-    ``jit_compile`` True makes the whole call one XLA program, False keeps XLA out, "auto"
-    lets the machine's tuning decide; ``tuning`` replaces this process's (:mod:`.tuning`).
+    recomputes the full prefix at every step (for checks and benchmarks). Opt-in, faster on
+    some CPUs and not always float32's tokens (:mod:`.precision`): ``precision="bfloat16"``
+    (a bfloat16 decoder), ``"bfloat16-head"`` (the head's table only), and for captioners
+    ``backbone_precision="bfloat16"``. How the call is compiled is a :class:`~.plan.DecodePlan`
+    (:func:`plan_for` shows it): ``jit_compile`` True makes it one XLA program, False keeps
+    XLA out, "auto" lets the machine's tuning decide; ``tuning`` overrides that (:mod:`.tuning`).
     """
     captioner = _is_captioner(model)
     decoder = model.decoder if captioner else model
