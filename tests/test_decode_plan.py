@@ -314,3 +314,26 @@ def test_the_gpu_default_decodes_on_the_gpu_what_the_eager_loop_does() -> None:
         eager = generate(decoder, prompts, compile=False, **common)
         np.testing.assert_array_equal(got.sequences, eager.sequences)
         np.testing.assert_allclose(got.scores, eager.scores, atol=1e-3)
+
+
+def test_tune_writes_an_entry_for_this_machine_that_the_plans_then_read(tmp_path, monkeypatch, capsys) -> None:
+    """A short ``gpt2-effnet tune`` (a small model, one pair): the entry it writes names what it
+    measured and matches this machine only; named by the environment, the plans read it."""
+    from gpt2_effnet.cli import main
+    from gpt2_effnet.decoding import tuning as tuning_module
+    from gpt2_effnet.machine import current_machine
+
+    out = tmp_path / "tuning.json"
+    code = main(["tune", "--width", "32", "--layers", "1", "--tokens", "1", "--pairs", "1",
+                 "--only", "split_one_row", "xla_loop_rows", "--out", str(out)])
+    assert code == 0 and "wrote" in capsys.readouterr().err
+    (entry,) = json.loads(out.read_text())["entries"]
+    assert set(entry["tuning"]) == {"split_one_row", "xla_loop_rows", "whole_program_xla"}
+    assert set(entry["measured"]["evidence"]) == {"split_one_row", "xla_loop_rows"}
+    assert entry["measured"]["command"].startswith("gpt2-effnet tune")
+    machine = current_machine()
+    monkeypatch.setenv(tuning_module.ENV, str(out))
+    assert tuning_module.resolve(machine) == tuning_module.as_tuning(entry, out)
+    other = dataclasses.replace(machine, cores=machine.cores + 1)
+    with pytest.raises(ValueError, match="no entry matches"):
+        tuning_module.resolve(other)
