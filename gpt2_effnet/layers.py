@@ -7,16 +7,13 @@ so pretrained weights load without transposes.
 Caches are explicit values (:class:`KVCache`): a self-attention layer's keys and values
 live in two preallocated ``[B, heads, max_len, head_dim]`` buffers written at the cache's
 index, so a decode step has static shapes and compiles; image keys/values are projected
-once per image (``[B, 2, heads, S, head_dim]``) and handed to every step. Heads first,
-the layout attention's batched matmuls read (stored ``[B, S, heads, D]``, every step
-transposed the whole cache: 31 of ~250 ms of a profiled nucleus call at the seed's
-configuration); one pair per layer rather than one stacked tensor (a graph step copied
-a stacked cache four times, ~20 % of GPT-2 124M's step at batch 32).
+once per image and handed to every step. Heads first, the layout attention reads (else
+every step transposes the cache), and one pair per layer (a stacked cache is copied
+whole to update one layer).
 
-The three hot spots of a forward (dense products, the tied head's product, cache writes)
-go through a :class:`Kernels` object. The plain one here is the reference; decoding hands
-in one its plan chose (:mod:`gpt2_effnet.decoding.kernels`), same results up to
-summation order.
+A forward's three hot spots (dense products, the tied head's product, cache writes) go
+through a :class:`Kernels` object: the plain one here, or one a decode plan chose
+(:mod:`gpt2_effnet.decoding.kernels`), equal up to summation order.
 """
 
 from __future__ import annotations

@@ -106,11 +106,10 @@ def _program(model: Any, config: GenerationConfig, plan: DecodePlan) -> Callable
 
 def decode_function(model: Any, config: GenerationConfig, plan: DecodePlan | None = None) -> Callable:
     """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
-    ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it as ``plan`` says;
-    the SavedModel export traces it into its serving graph with the default plan (a plain
-    graph, no XLA). ``run(..., values=...)`` takes the settings'
-    :meth:`~GenerationConfig.runtime_values` as an input (a tensor) instead of the
-    constants in ``config``."""
+    ``{"sequences", "scores", "lengths"}``; :func:`generate` compiles it as ``plan`` says, the
+    SavedModel export traces it with the default plan (a plain graph, no XLA).
+    ``run(..., values=...)``: the settings' :meth:`~GenerationConfig.runtime_values` as an
+    input instead of the constants in ``config``."""
     captioner = model if _is_captioner(model) else None
     decoder = decoder_in(model.decoder if captioner is not None else model, config.precision)
     plan = plan or make_plan(decoder, config, 0, jit_compile=False)

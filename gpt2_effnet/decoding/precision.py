@@ -1,28 +1,19 @@
 """Decoding with bfloat16 weights, opt-in: ``generate(..., precision="bfloat16")`` (the whole
 decoder) or ``precision="bfloat16-head"`` (the output head's table only).
 
-Why: decoding many rows at once is matmul-bound, and CPUs with AVX-512 BF16 (and AMX)
-run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M beam 3 at batch
-32 (96 rows), 1.38 vs 1.94 s per call (AMD EPYC, 2 cores; BENCHMARKS.md). Up to 64 rows
-there (96 on Intel) float32 decodes in an XLA loop, which was faster (greedy at batch 32
-0.76 vs 0.87 s), and at one row the step is bound by reading weights, so bfloat16 is
-never chosen for the user.
+Why: many rows at once are matmul-bound, and CPUs with AVX-512 BF16 or AMX run oneDNN's
+bfloat16 matmuls at about twice the float32 rate (GPT-2 124M beam 3 at batch 32: 1.4x);
+at one row, or where float32 runs an XLA loop, float32 is as fast or faster, so bfloat16
+is never chosen for the user (BENCHMARKS.md).
 
 The decoder's bfloat16 twin is built once per model and refreshed from the float32
-weights at every call (a cast of every weight: the model may have trained since), so
-the float32 model stays the one source of truth. Attention scores and softmax, layer
-norms and the logits stay float32 (see layers.attend, GPT2Decoder.head); the residual
-stream, cache and matmuls are bfloat16. What that costs in agreement with float32 is
-tested (tests/test_precision.py): a bound on the logit change, and the same top token
-wherever float32's top two are further apart than that bound.
-
-``"bfloat16-head"`` keeps every block in float32 and multiplies a bfloat16 copy of the
-tied token table (cast inside each decode call) with the final hidden state
-rounded to bfloat16, summing in float32 (kernels.logits_from_table). The head is the
-largest matmul of a decode step at GPT-2's vocabulary (51 MB of float32 at width 256),
-so this halves what most of a step reads: at the seed's configuration (AMD EPYC, AVX-512
-BF16) beam search 1.2x and nucleus sampling 1.15-1.25x faster than float32. The change
-in the logits is bounded in tests/test_precision.py like the twin's, and smaller.
+weights at every call (the model may have trained since), so the float32 model stays the
+one source of truth. Attention scores and softmax, layer norms and the logits stay
+float32 (layers.attend, GPT2Decoder.head). ``"bfloat16-head"`` keeps the blocks in
+float32 and multiplies a bfloat16 copy of the tied token table, made in each call, with
+the final hidden state rounded to bfloat16, summing in float32 (kernels.logits_from_table):
+the head is the largest matmul of a step at GPT-2's vocabulary. How far each moves the
+logits and how often the top token changes is tested (tests/test_precision.py).
 
 ``backbone_precision="bfloat16"`` (a separate, opt-in setting) runs a captioner's image
 backbone in bfloat16 through a twin that shares its float32 variables
