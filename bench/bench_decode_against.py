@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -74,20 +75,22 @@ def main() -> None:
         for mode in args.modes:
             spec = {"batch": batch, "mode": mode, "tokens": args.tokens, "reps": args.reps,
                     "precision": args.precision, "graph": args.graph}
-            ratios = []
+            ratios, best = [], [float("inf"), float("inf")]
             for round_ in range(args.rounds):
                 this = run_worker(HERE, spec, None)
                 other = run_worker(HERE, spec, args.against)
                 ratios.append(other["seconds"] / this["seconds"])
+                best = [min(best[0], this["seconds"]), min(best[1], other["seconds"])]
                 same = "same tokens" if this["checksum"] == other["checksum"] else "DIFFERENT tokens"
                 print(f"  {mode} batch {batch} round {round_ + 1}: this {batch * args.tokens / this['seconds']:.1f} "
                       f"vs against {batch * args.tokens / other['seconds']:.1f} tok/s ({ratios[-1]:.2f}x; {same})",
                       flush=True)
-            rows.append((mode, batch, ratios))
-    print("\n| mode | batch | this / against, per round |")
-    print("|---|---:|---|")
-    for mode, batch, ratios in rows:
-        print(f"| {mode} | {batch} | " + " / ".join(f"{r:.2f}x" for r in ratios) + " |")
+            rows.append((mode, batch, ratios, best[1] / best[0]))
+    print("\n| mode | batch | this / against, per round | median | best vs best |")
+    print("|---|---:|---|---:|---:|")
+    for mode, batch, ratios, best_ratio in rows:
+        print(f"| {mode} | {batch} | " + " / ".join(f"{r:.2f}x" for r in ratios)
+              + f" | {statistics.median(ratios):.2f}x | {best_ratio:.2f}x |")
 
 
 if __name__ == "__main__":

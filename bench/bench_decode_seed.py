@@ -12,7 +12,8 @@ settings the seed's own samplers had, encoder included, 20 new tokens, no early 
 Each checkout runs in its own process (imported through ``PYTHONPATH``) through its public
 ``Captioner.generate``; the first call (tracing) is timed apart, then the best of
 ``--reps`` calls is kept, and rounds alternate between checkouts so that a shared
-machine's swings hit both sides alike.
+machine's swings hit both sides alike. A checksum of each side's tokens says whether
+both decoded the same.
 
 ``--changes`` then times, in the same warm process, the first call after a change a
 compiled program could serve (what a caption service sees when a request brings new
@@ -56,6 +57,7 @@ def worker(spec: dict) -> dict:
         "model": {"backbone": "efficientnetv2-b0", "image_size": 224, "encoder_layers": 2, "encoder_heads": 4,
                   "max_caption_length": 32},
     })
+    keras.utils.set_random_seed(0)  # the same weights on both sides, so their tokens compare
     model = Captioner.create(config)
     rng = np.random.default_rng(0)
     out = {}
@@ -77,7 +79,8 @@ def worker(spec: dict) -> dict:
             ids = np.asarray(model.generate(images, **kwargs))
             times.append(time.perf_counter() - start)
         assert ids.shape[-1] == spec["tokens"], ids.shape
-        out[name] = {"per_image_s": min(times) / setting["images"], "first_s": first}
+        out[name] = {"per_image_s": min(times) / setting["images"], "first_s": first,
+                     "checksum": int(ids.astype(np.int64).sum())}
     if spec.get("changes"):
         out["changes"] = changed_settings(model, rng, spec["tokens"])
     return out
@@ -140,6 +143,7 @@ def main() -> None:
     print(f"CPU: {cpu_name()}")
     best: dict[str, dict] = {}
     changes: dict[str, dict[str, list[float]]] = {}
+    sums: dict[str, set] = {}  # each setting's token checksums, over sides and rounds
     for round_ in range(args.rounds):
         for side, checkout, side_spec in sides:
             result = run_worker(HERE, side_spec, checkout)
@@ -147,6 +151,7 @@ def main() -> None:
                 changes.setdefault(name, {}).setdefault(side, []).append(seconds)
                 print(f"  round {round_ + 1}: {side}: first call after {name}: {seconds:.2f} s", flush=True)
             for name, r in result.items():
+                sums.setdefault(name, set()).add(r.pop("checksum", None))
                 key = f"{side}: {name}"
                 kept = best.get(key)
                 if kept is None or r["per_image_s"] < kept["per_image_s"]:
@@ -161,6 +166,9 @@ def main() -> None:
         if args.against:
             row += f" {best[f'against: {name}']['per_image_s'] / r['per_image_s']:.2f}x |"
         print(row)
+    if args.against:
+        print("\n" + ", ".join(f"{name}: {'same tokens' if len(found) == 1 else 'DIFFERENT tokens'} on both sides"
+                                for name, found in sums.items()))
     if changes:
         names = [side for side, _, _ in sides]
         print("\n| first call after | " + " | ".join(f"{n} s (per round)" for n in names) + " |")

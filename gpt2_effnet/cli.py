@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("gpt2_effnet.commands.export", "write a TensorFlow SavedModel that captions encoded images"),
     "serve": ("gpt2_effnet.commands.serve", "an HTTP captioning service with a page (batched requests)"),
     "demo": ("gpt2_effnet.commands.demo", "train and evaluate a small captioner on the synthetic set"),
+    "tune": ("gpt2_effnet.commands.tune", "measure this machine's decode thresholds into a local tuning file"),
 }
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from . import fast_ops
+from . import encoder_ops
 
 _CONVOLUTIONS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
@@ -43,7 +43,7 @@ class FoldedConvolution(keras.layers.Layer):
     def folded_weights(self) -> tuple[Any, Any]:
         """``(kernel, bias)`` in float32 from the live variables."""
         conv = self.conv
-        scale, bias = fast_ops.norm_as_affine(*self.norm_parameters(), self.norm.epsilon)
+        scale, bias = encoder_ops.norm_as_affine(*self.norm_parameters(), self.norm.epsilon)
         kernel = ops.cast(conv.kernel, "float32")
         if isinstance(conv, keras.layers.DepthwiseConv2D):
             kernel = kernel * ops.reshape(scale, (kernel.shape[2], kernel.shape[3]))
@@ -65,9 +65,9 @@ class FoldedConvolution(keras.layers.Layer):
     def call(self, inputs: Any) -> Any:
         conv = self.conv
         depthwise = isinstance(conv, keras.layers.DepthwiseConv2D)
-        if not depthwise and fast_ops.fuses_conv_and_frozen_norm(self.compute_dtype):
+        if not depthwise and encoder_ops.fuses_conv_and_frozen_norm(self.compute_dtype):
             outputs = conv.convolution_op(inputs, ops.cast(conv.kernel, self.compute_dtype))
-            return fast_ops.frozen_batch_norm(outputs, *self.norm_parameters(), self.norm.epsilon)
+            return encoder_ops.frozen_batch_norm(outputs, *self.norm_parameters(), self.norm.epsilon)
         kernel, bias = self.folded_weights()
         kernel = ops.cast(kernel, self.compute_dtype)
         if depthwise:
@@ -77,7 +77,7 @@ class FoldedConvolution(keras.layers.Layer):
             )
         else:
             outputs = conv.convolution_op(inputs, kernel)
-        return fast_ops.bias_add(outputs, bias)
+        return encoder_ops.bias_add(outputs, bias)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return self.conv.compute_output_shape(input_shape)

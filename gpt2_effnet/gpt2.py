@@ -17,8 +17,7 @@ import numpy as np
 from keras import ops
 
 from .config import GPT2Config
-from .fast_ops import logits_from_table, new_buffer
-from .layers import TransformerBlock
+from .layers import PLAIN, Kernels, KVCache, TransformerBlock
 
 
 # The logit of an id outside ``output_vocabulary``: finite, so softmax, log-softmax and the
@@ -59,11 +58,6 @@ def parameter_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     for i in range(config.n_layer):
         shapes.update({f"h.{i}.{suffix}": shape(config) for suffix, (shape, _) in BLOCK_PARAMETERS.items()})
     return shapes
-
-
-def map_cache(fn: Callable[[Any], Any], cache: Any) -> Any:
-    """Apply a row operation (e.g. ``ops.repeat`` on axis 0) to every buffer of a cache."""
-    return tuple(tuple(fn(buffer) for buffer in pair) for pair in cache)
 
 
 @keras.saving.register_keras_serializable("gpt2_effnet")
@@ -155,9 +149,7 @@ class GPT2Decoder(keras.Model):
         positions = ops.cast(self.wpe(position_ids), self.compute_dtype)
         return self.embed_dropout(tokens + positions, training=training)
 
-    def head(
-        self, hidden: Any, compact: bool = False, tables: tuple | None = None, specials: bool = True, transposed: bool = False
-    ) -> Any:
+    def head(self, hidden: Any, compact: bool = False, kernels: Kernels | None = None) -> Any:
         """Final LayerNorm and the tied LM head: hidden ``[B, T, W]`` -> float32 logits ``[B, T, V]``.
 
         Public so a training step can apply it to the positions that have targets only
@@ -167,28 +159,15 @@ class GPT2Decoder(keras.Model):
         so every sampler sees the same restriction, or with ``compact=True`` returned
         as ``[B, T, K + 1]`` (the kept ids in :meth:`compact_targets` order, then one
         column standing for every excluded id) for a loss that needs no more.
-        ``tables``: low-precision copies of the (kept rows of the) token table and of the
-        special tokens' table to multiply instead (see decoding/precision.py), with
-        float32 sums. ``specials=False`` leaves out the special tokens' columns (logits
-        ``[B, T, vocab_size]``): decoding never emits them, and computing, joining and then
-        masking that one column cost ~5 % of a beam step at the seed's configuration.
-        ``transposed=True``: ``tables`` are float32 copies of the tables as ``[W, V]``
-        (:func:`~gpt2_effnet.decoding.precision.head_tables`), multiplied as they lie.
+        ``kernels`` give the tables and their product (a decode plan's may leave the
+        special tokens' table out: then so are their columns).
         """
+        kernels = kernels or PLAIN
         hidden = self.ln_f(hidden)
-        low_precision = tables is not None and not transposed
-        tables = (self.head_tables() if tables is None else tables)[: None if specials else 1]
-        if transposed:
-            rows = ops.reshape(hidden, (-1, hidden.shape[-1]))  # a 2-D product: TF's batched one is slower
-            lead = (-1, *hidden.shape[1:-1])
-            parts = [ops.reshape(ops.matmul(rows, ops.cast(table, hidden.dtype)), (*lead, table.shape[1]))
-                     for table in tables if table is not None]
-        elif low_precision:
-            parts = [logits_from_table(hidden, table) for table in tables if table is not None]
-        else:
-            parts = [ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype)) for table in tables if table is not None]
+        tables = [table for table in kernels.head_tables(self) if table is not None]
+        parts = [kernels.head(hidden, table) for table in tables]
         logits = parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
-        return self._spread(ops.cast(logits, "float32"), compact, specials)
+        return self._spread(ops.cast(logits, "float32"), compact, specials=len(tables) > 1)
 
     def head_tables(self) -> tuple[Any, Any | None]:
         """What :meth:`head` multiplies: the token table (its kept rows with an
@@ -277,52 +256,39 @@ class GPT2Decoder(keras.Model):
         return ops.stack(maps, axis=1)
 
     # -- incremental decoding ----------------------------------------------------------
-    def init_cache(self, batch_size: int, max_length: int, dtype: str | None = None) -> tuple:
-        """Zeroed key/value cache: per layer a ``(keys, values)`` pair of ``[B, n_head, max_length,
-        head_dim]`` buffers (heads first, one buffer each: see layers.py). Treat it as opaque;
-        :func:`map_cache` applies a row operation (the repeat for beams) to all of it; beam
-        search's parent rows are gathered by the step itself (SelfAttention's ``cache_rows``)."""
+    def init_cache(self, batch_size: int, max_length: int, kernels: Kernels | None = None) -> KVCache:
+        """An empty :class:`~gpt2_effnet.layers.KVCache` at index 0: per layer a ``(keys, values)``
+        pair of ``[B, n_head, max_length, head_dim]`` buffers (``kernels`` allocate them)."""
         cfg = self.gpt2_config
         if max_length > cfg.n_positions:
             raise ValueError(f"max_length {max_length} exceeds GPT-2's n_positions {cfg.n_positions}")
-        shape = (batch_size, cfg.n_head, max_length, cfg.head_dim)
-        dtype = dtype or self.compute_dtype
-        return tuple((new_buffer(shape, dtype), new_buffer(shape, dtype)) for _ in range(cfg.n_layer))
+        shape, new = (batch_size, cfg.n_head, max_length, cfg.head_dim), (kernels or PLAIN).new_buffer
+        return KVCache(tuple((new(shape, self.compute_dtype), new(shape, self.compute_dtype)) for _ in range(cfg.n_layer)))
 
     def call_with_cache(
         self,
         token_ids: Any,
-        cache: Any,
-        cache_index: Any,
+        cache: KVCache,
         image_kv: Any | None = None,
         padding_mask: Any | None = None,
         position_ids: Any | None = None,
-        head_tables: tuple | None = None,
-        cache_rows: Any | None = None,
-        specials: bool = True,
-        cache_in_place: bool = False,
-        head_transposed: bool = False,
-    ) -> tuple[Any, Any]:
-        """Feed ``token_ids [B, T]`` at positions ``cache_index..cache_index+T-1``.
-        ``cache_rows [B]``: row ``i`` continues cache row ``cache_rows[i]`` (beam search, T = 1).
-        ``cache_in_place``: the caller drops ``cache`` after this call (see SelfAttention.call).
-        ``head_tables``, ``specials``, ``head_transposed``: as :meth:`head`'s ``tables``,
-        ``specials`` and ``transposed``.
-
-        Returns ``(logits [B, T, V], updated cache)``. Shapes are static for a fixed T,
-        so one compiled step serves the whole decode loop.
-        """
+        kernels: Kernels | None = None,
+    ) -> tuple[Any, KVCache]:
+        """Feed ``token_ids [B, T]`` at positions ``cache.index`` on: ``(logits [B, T, V], the
+        cache with their keys and values, at index + T)``. Shapes are static for a fixed T, so
+        one compiled step serves the whole decode loop. ``padding_mask [B, max_len]``: False
+        on keys never to attend to; ``position_ids [B, T]``: default ``index..index+T-1``."""
         token_ids = ops.convert_to_tensor(token_ids)
+        length = ops.shape(token_ids)[1]
         if position_ids is None:
-            length = ops.shape(token_ids)[1]
-            position_ids = ops.expand_dims(ops.arange(length, dtype="int32") + ops.cast(cache_index, "int32"), 0)
+            position_ids = ops.expand_dims(ops.arange(length, dtype="int32") + ops.cast(cache.index, "int32"), 0)
         x = self._embed(token_ids, position_ids, training=False)
-        layer_caches = []
-        for block, layer_cache, kv in zip(self.blocks, cache, self._per_layer(image_kv)):
-            x, layer_cache = block(x, cache=layer_cache, cache_index=cache_index, image_kv=kv, padding_mask=padding_mask,
-                                   cache_rows=cache_rows, cache_in_place=cache_in_place)
-            layer_caches.append(layer_cache)
-        return self.head(x, tables=head_tables, specials=specials, transposed=head_transposed), tuple(layer_caches)
+        pairs = []
+        for block, pair, kv in zip(self.blocks, cache.buffers, self._per_layer(image_kv)):
+            x, layer = block(x, cache=cache.replace(buffers=pair), image_kv=kv, padding_mask=padding_mask, kernels=kernels)
+            pairs.append(layer.buffers)
+        cache = KVCache(tuple(pairs), cache.index + length)
+        return self.head(x, kernels=kernels), cache
 
     def project_image(self, image_tokens: Any) -> Any:
         """Every block's cross-attention K/V of the image: ``[B, n_layer, 2, n_head, S, head_dim]``."""

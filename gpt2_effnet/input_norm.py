@@ -2,7 +2,7 @@
 
 Keras' EfficientNets normalise their input with a Normalization layer: a subtraction and
 a division that broadcast over 3 channels, which TensorFlow's CPU kernels run slowly
-(see :func:`~gpt2_effnet.fast_ops.channel_affine`). :class:`AffineNormalization` is the
+(see :func:`~gpt2_effnet.encoder_ops.channel_affine`). :class:`AffineNormalization` is the
 same layer (same variables and names) computing the same map as one multiply-add.
 """
 
@@ -14,7 +14,7 @@ import keras
 from keras import ops
 
 from .batch_norm import swap_layer_class
-from .fast_ops import channel_affine
+from .encoder_ops import channel_affine
 
 
 class AffineNormalization(keras.layers.Normalization):

@@ -4,84 +4,78 @@ Everything here uses ``keras.ops`` only, so the model runs unchanged on the Tens
 JAX and PyTorch backends. Kernels are ``[in, out]`` like GPT-2's ``Conv1D`` (``[nx, nf]``),
 so pretrained weights load without transposes.
 
-Caches are explicit tensors: a self-attention layer's keys and values live in two
-preallocated ``[B, heads, max_len, head_dim]`` buffers (a ``(keys, values)`` pair) written
-at ``cache_index``, so a decode step has static shapes and can be compiled; image
-keys/values are projected once per image (``[B, 2, heads, S, head_dim]``) and handed to
-every step. Keys and values are stored heads-first, the layout attention's batched
-matmuls read: stored ``[B, S, heads, D]``, every decode step transposed the whole cache
-and the image's K/V in every block (31 of ~250 ms of op time in a profiled nucleus call
-at the seed's configuration). One pair per layer rather than one stacked tensor: a
-graph-mode step otherwise copied the whole cache four times (slice out each layer,
-update, split keys from values, stack again; ~20 % of the op time of GPT-2 124M at batch
-32), where now each buffer is written once. In TensorFlow's plain graph (steps of more
-than 16 rows, the SavedModel export) a decode step writes its one new position into the
-buffers in place (:func:`fast_ops.write_slot`) rather than copying them; XLA does that by itself.
+Caches are explicit values (:class:`KVCache`): a self-attention layer's keys and values
+live in two preallocated ``[B, heads, max_len, head_dim]`` buffers written at the cache's
+index, so a decode step has static shapes and compiles; image keys/values are projected
+once per image and handed to every step. Heads first, the layout attention reads (else
+every step transposes the cache), and one pair per layer (a stacked cache is copied
+whole to update one layer).
+
+A forward's three hot spots (dense products, the tied head's product, cache writes) go
+through a :class:`Kernels` object: the plain one here, or one a decode plan chose
+(:mod:`gpt2_effnet.decoding.kernels`), equal up to summation order.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 from keras import ops
 
-from .fast_ops import one_row_matmul, write_slot, writes_in_place
-
 # Masked scores get this instead of -inf so a fully masked row cannot produce NaN.
 _MASK_VALUE = -1e9
 
 
-class Dense(keras.layers.Dense):
-    """``keras.layers.Dense`` whose one-row product (a decode step at batch 1) takes
-    :func:`fast_ops.one_row_matmul`, and which multiplies an ``[N, K]`` copy of its kernel
-    while a decode program that made one is traced (:func:`kernel_copies`); same weights,
-    names and results up to summation order."""
+@dataclass(frozen=True)
+class KVCache:
+    """Self-attention keys and values. ``buffers``: per layer a ``(keys, values)`` pair of
+    ``[B, heads, max_len, head_dim]`` tensors (a layer's view: its pair); the next tokens
+    are written at ``index``. ``rows [B]`` (beam search, one token a row): row ``i``
+    continues buffer row ``rows[i]``. ``owned``: the holder drops these buffers after the
+    call (a decode loop), so a write may go into them in place. A dataclass, so Keras
+    hands it to a layer as it is."""
 
-    _kernel_copy: Any = None
+    buffers: Any
+    index: Any = 0
+    rows: Any = None
+    owned: bool = False
 
-    def call(self, inputs: Any, training: bool | None = None) -> Any:
-        out = None
-        if not (self.quantization_mode or self.lora_enabled):
-            if self._kernel_copy is not None:
-                out = ops.einsum("...k,nk->...n", inputs, self._kernel_copy)
-            else:
-                out = one_row_matmul(inputs, self.kernel)
-        if out is None:
-            return super().call(inputs, training=training)
-        if self.bias is not None:
-            out = ops.add(out, self.bias)
-        return out if self.activation is None else self.activation(out)
+    def replace(self, **changes: Any) -> "KVCache":
+        return dataclasses.replace(self, **changes)
 
 
-def dense_layers(model: Any) -> list[Dense]:
-    """The model's :class:`Dense` layers, in a fixed order (the model's own)."""
-    return [layer for layer in model._flatten_layers() if isinstance(layer, Dense)]
+class Kernels:
+    """How a forward computes its dense products, its head's product and its cache writes,
+    written plainly (training and the full forward use this one)."""
+
+    def dense(self, layer: keras.layers.Dense, x: Any) -> Any:
+        return layer(x)
+
+    def head_tables(self, decoder: Any) -> tuple[Any, ...]:
+        """The tables the head multiplies (``[V, W]``; None for a missing special table)."""
+        return decoder.head_tables()
+
+    def head(self, hidden: Any, table: Any) -> Any:
+        return ops.einsum("btw,vw->btv", hidden, ops.cast(table, hidden.dtype))
+
+    def new_buffer(self, shape: tuple, dtype: str) -> Any:
+        return ops.zeros(shape, dtype=dtype)
+
+    def write(self, buffer: Any, new: Any, cache: KVCache) -> Any:
+        """``buffer [B, H, L, D]`` with ``new [B, H, T, D]`` at ``cache.index``. With
+        ``cache.rows`` gathered and written in one select: XLA then writes each buffer
+        once, where a gather and then an update wrote it twice and copied it once."""
+        if cache.rows is None:
+            return ops.slice_update(buffer, [0, 0, cache.index, 0], new)
+        slot = ops.arange(buffer.shape[2], dtype="int32") == ops.cast(cache.index, "int32")
+        return ops.where(ops.reshape(slot, (1, 1, -1, 1)), new, ops.take(buffer, cache.rows, axis=0))
 
 
-def transposed_kernels(model: Any) -> tuple[Any, ...]:
-    """``[N, K]`` copies of the kernels of :func:`dense_layers`, for :func:`kernel_copies`."""
-    return tuple(ops.transpose(layer.kernel) for layer in dense_layers(model))
-
-
-@contextlib.contextmanager
-def kernel_copies(model: Any, kernels: tuple[Any, ...] | None) -> Iterator[None]:
-    """While tracing inside this block, the model's Dense layers multiply ``kernels`` (from
-    :func:`transposed_kernels`, made in the same program) instead of their kernels; None
-    changes nothing. The copies are the traced program's tensors: none outlives it."""
-    layers = dense_layers(model) if kernels is not None else []
-    if kernels is not None and len(kernels) != len(layers):
-        raise ValueError(f"{len(kernels)} kernel copies for {len(layers)} Dense layers")
-    for layer, kernel in zip(layers, kernels or ()):
-        object.__setattr__(layer, "_kernel_copy", kernel)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            object.__setattr__(layer, "_kernel_copy", None)
+PLAIN = Kernels()
 
 
 def attend(query: Any, key: Any, value: Any, mask: Any | None = None, return_weights: bool = False) -> Any:
@@ -128,9 +122,9 @@ class SelfAttention(keras.layers.Layer):
         width = input_shape[-1]
         if width % self.num_heads:
             raise ValueError(f"{self.name}: width {width} is not divisible by {self.num_heads} heads")
-        self.c_attn = Dense(3 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn = keras.layers.Dense(3 * width, name="c_attn", dtype=self.dtype_policy)
         self.c_attn.build(input_shape)
-        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(input_shape)
 
     def _split_heads(self, x: Any, parts: int) -> list[Any]:
@@ -146,46 +140,23 @@ class SelfAttention(keras.layers.Layer):
     def call(
         self,
         x: Any,
-        cache: Any | None = None,
-        cache_index: Any | None = None,
+        cache: KVCache | None = None,
         padding_mask: Any | None = None,
         training: bool | None = None,
-        cache_rows: Any | None = None,
-        cache_in_place: bool = False,
-    ) -> tuple[Any, Any | None]:
-        """Return ``(output, updated_cache)``; without a cache the second item is None.
-
-        ``padding_mask`` is a ``[B, S]`` boolean over keys (S = cache length when cached).
-        ``cache_rows [B]`` (beam search, one token per row): row ``i`` continues the cache
-        row ``cache_rows[i]``. Gathered and written in one select, so XLA writes each
-        buffer once, where a gather and then an update wrote it twice and copied it once.
-        ``cache_in_place``: the caller owns ``cache`` and drops it after this call (a decode
-        loop), so one new token may be written into its buffers (:func:`fast_ops.write_slot`).
-        """
+        kernels: Kernels | None = None,
+    ) -> tuple[Any, KVCache | None]:
+        """``(output, cache)`` with this token's keys and values written into ``cache``
+        (this layer's view; None stays None). ``padding_mask``: ``[B, S]`` boolean over keys."""
+        kernels = kernels or PLAIN
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        query, key, value = self._split_heads(self.c_attn(x), 3)
+        query, key, value = self._split_heads(kernels.dense(self.c_attn, x), 3)
         offset = 0
         if cache is not None:
-            offset = cache_index
-            key_cache, value_cache = cache  # each [B, H, max_len, D]
-            if cache_rows is not None:
-                if length != 1:
-                    raise ValueError(f"cache_rows needs one new token per row, got {length}")
-                slot = ops.arange(key_cache.shape[2], dtype="int32") == ops.cast(cache_index, "int32")
-                slot = ops.reshape(slot, (1, 1, -1, 1))
-
-                def write(buffer: Any, new: Any) -> Any:
-                    gathered = ops.take(buffer, cache_rows, axis=0)
-                    if writes_in_place():  # a gather's output is a new buffer: ours to write
-                        return write_slot(gathered, new, cache_index, in_place=True)
-                    return ops.where(slot, new, gathered)
-            else:
-                def write(buffer: Any, new: Any) -> Any:
-                    return write_slot(buffer, new, cache_index, in_place=cache_in_place)
-            key_cache = write(key_cache, ops.cast(key, key_cache.dtype))
-            value_cache = write(value_cache, ops.cast(value, value_cache.dtype))
-            cache = (key_cache, value_cache)
-            key, value = ops.cast(key_cache, query.dtype), ops.cast(value_cache, query.dtype)
+            offset = cache.index
+            pair = tuple(kernels.write(buffer, ops.cast(new, buffer.dtype), cache)
+                         for buffer, new in zip(cache.buffers, (key, value)))
+            cache = cache.replace(buffers=pair)
+            key, value = (ops.cast(buffer, query.dtype) for buffer in pair)
         mask = attention_mask(length, ops.shape(key)[2], offset, self.causal)
         if mask is not None:
             mask = mask[None, None]
@@ -193,8 +164,8 @@ class SelfAttention(keras.layers.Layer):
             keys_ok = ops.cast(padding_mask, "bool")[:, None, None, :]
             mask = keys_ok if mask is None else ops.logical_and(mask, keys_ok)
         out = ops.transpose(attend(query, key, value, mask), (0, 2, 1, 3))
-        out = ops.reshape(out, (batch, length, -1))
-        return self.resid_dropout(self.c_proj(out), training=training), cache
+        out = kernels.dense(self.c_proj, ops.reshape(out, (batch, length, -1)))
+        return self.resid_dropout(out, training=training), cache
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_heads": self.num_heads, "causal": self.causal, "dropout": self.dropout}
@@ -219,11 +190,11 @@ class CrossAttention(keras.layers.Layer):
     def build(self, input_shape: tuple) -> None:
         width = input_shape[-1]
         self.width = width
-        self.q_attn = Dense(width, name="q_attn", dtype=self.dtype_policy)
+        self.q_attn = keras.layers.Dense(width, name="q_attn", dtype=self.dtype_policy)
         self.q_attn.build(input_shape)
-        self.c_attn = Dense(2 * width, name="c_attn", dtype=self.dtype_policy)
+        self.c_attn = keras.layers.Dense(2 * width, name="c_attn", dtype=self.dtype_policy)
         self.c_attn.build(input_shape)
-        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(input_shape)
         if self.gated:
             self.gate = self.add_weight(name="gate", shape=(), initializer="zeros")
@@ -236,7 +207,10 @@ class CrossAttention(keras.layers.Layer):
         )
         return ops.transpose(kv, (0, 2, 3, 1, 4))
 
-    def call(self, x: Any, image_kv: Any, training: bool | None = None, return_attention: bool = False) -> Any:
+    def call(
+        self, x: Any, image_kv: Any, training: bool | None = None, return_attention: bool = False,
+        kernels: Kernels | None = None,
+    ) -> Any:
         """``return_attention``: also the per-head weights over the image ``[B, H, T, S]``.
 
         ``x`` may hold G rows per image (``[B * G, T, W]``, image-major, as beams and
@@ -244,10 +218,11 @@ class CrossAttention(keras.layers.Layer):
         queries then attend as G * T query positions of their image, so the image K/V is
         neither repeated per row nor read G times at each decode step.
         """
+        kernels = kernels or PLAIN
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         depth = self.width // self.num_heads
         images = ops.shape(image_kv)[0]
-        query = ops.reshape(self.q_attn(x), (images, -1, self.num_heads, depth))
+        query = ops.reshape(kernels.dense(self.q_attn, x), (images, -1, self.num_heads, depth))
         query = ops.transpose(query, (0, 2, 1, 3))
         key, value = ops.unstack(ops.cast(image_kv, query.dtype), num=2, axis=1)
         out = attend(query, key, value, return_weights=return_attention)
@@ -257,7 +232,8 @@ class CrossAttention(keras.layers.Layer):
             weights = ops.reshape(weights, (images, self.num_heads, -1, length, keys))
             weights = ops.reshape(ops.transpose(weights, (0, 2, 1, 3, 4)), (batch, self.num_heads, length, keys))
         out = ops.transpose(out, (0, 2, 1, 3))
-        out = self.resid_dropout(self.c_proj(ops.reshape(out, (batch, length, self.width))), training=training)
+        out = kernels.dense(self.c_proj, ops.reshape(out, (batch, length, self.width)))
+        out = self.resid_dropout(out, training=training)
         if self.gated:
             out = out * ops.cast(ops.tanh(self.gate), out.dtype)
         return (out, weights) if return_attention else out
@@ -308,40 +284,37 @@ class TransformerBlock(keras.layers.Layer):
         if self.cross_attention is not None:
             self.ln_cross_attn.build(input_shape)
             self.crossattention.build(input_shape)
-        self.c_fc = Dense(4 * width, name="c_fc", dtype=self.dtype_policy)
+        self.c_fc = keras.layers.Dense(4 * width, name="c_fc", dtype=self.dtype_policy)
         self.c_fc.build(input_shape)
-        self.c_proj = Dense(width, name="c_proj", dtype=self.dtype_policy)
+        self.c_proj = keras.layers.Dense(width, name="c_proj", dtype=self.dtype_policy)
         self.c_proj.build(tuple(input_shape[:-1]) + (4 * width,))
 
     def call(
         self,
         x: Any,
-        cache: Any | None = None,
-        cache_index: Any | None = None,
+        cache: KVCache | None = None,
         image_kv: Any | None = None,
         padding_mask: Any | None = None,
         training: bool | None = None,
         return_attention: bool = False,
-        cache_rows: Any | None = None,
-        cache_in_place: bool = False,
+        kernels: Kernels | None = None,
     ) -> tuple[Any, ...]:
-        """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``.
-        ``cache_rows``, ``cache_in_place``: see SelfAttention.call."""
-        attended, cache = self.attn(
-            self.ln_1(x), cache=cache, cache_index=cache_index, padding_mask=padding_mask, training=training,
-            cache_rows=cache_rows, cache_in_place=cache_in_place,
-        )
+        """``(x, cache)``; with ``return_attention`` also the cross-attention weights ``[B, H, T, S]``."""
+        kernels = kernels or PLAIN
+        attended, cache = self.attn(self.ln_1(x), cache=cache, padding_mask=padding_mask, training=training,
+                                    kernels=kernels)
         x = x + attended
         weights = None
         if image_kv is not None:
             if self.cross_attention is None:
                 raise ValueError(f"{self.name} has no cross-attention but was given image keys/values")
-            crossed = self.crossattention(self.ln_cross_attn(x), image_kv, training=training, return_attention=return_attention)
+            crossed = self.crossattention(self.ln_cross_attn(x), image_kv, training=training,
+                                          return_attention=return_attention, kernels=kernels)
             if return_attention:
                 crossed, weights = crossed
             x = x + crossed
-        hidden = keras.activations.gelu(self.c_fc(self.ln_2(x)), approximate=True)
-        x = x + self.mlp_dropout(self.c_proj(hidden), training=training)
+        hidden = keras.activations.gelu(kernels.dense(self.c_fc, self.ln_2(x)), approximate=True)
+        x = x + self.mlp_dropout(kernels.dense(self.c_proj, hidden), training=training)
         return (x, cache, weights) if return_attention else (x, cache)
 
     def get_config(self) -> dict[str, Any]:

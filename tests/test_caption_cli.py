@@ -68,6 +68,23 @@ def test_caption_folder_skips_and_names_the_corrupt_file(saved, image_dir, tmp_p
     assert [r["caption"] for r in rows] == expected
 
 
+def test_explain_prints_each_batch_size_s_plan_and_captions_nothing(saved, image_dir, tmp_path, capsys) -> None:
+    from gpt2_effnet.decoding import plan_for
+
+    run_dir, model = saved
+    out = tmp_path / "captions.jsonl"
+    for name in ("d.png", "e.png"):  # 5 image files (one broken): batches of 3 and of 2
+        (image_dir / name).write_bytes((image_dir / "a.png").read_bytes())
+    code = main(["caption", "--checkpoint", str(run_dir), str(image_dir), "--explain", "--beams", "2", "--xla",
+                 "--batch-size", "3", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and not out.exists()
+    for batch in (3, 2):
+        plan = plan_for(model, batch, num_beams=2, length_penalty=1.0, jit_compile=True)
+        assert f"{batch} image(s) a batch: " + plan.explain() in printed
+    assert plan.program == "xla" and "one XLA program" in printed
+
+
 def test_caption_csv_with_beams(run_dir, image_dir, tmp_path, capsys) -> None:
     out = tmp_path / "captions.csv"
     code = main(["caption", "--checkpoint", str(run_dir), str(image_dir / "a.png"), str(image_dir / "b_broken.jpg"),

@@ -16,7 +16,7 @@ from keras import ops
 from gpt2_effnet.captioner import Captioner
 from gpt2_effnet.config import GPT2Config
 from gpt2_effnet.gpt2 import GPT2Decoder
-from gpt2_effnet.decoding import DecodeModel, GenerationConfig, generate, generate_captions
+from gpt2_effnet.decoding import DecodeModel, GenerationConfig, compiled_programs, generate, generate_captions
 from gpt2_effnet.decoding import beam as beam_module
 from gpt2_effnet.decoding.processors import TOP_K_CHUNK, banned_ngram_tokens, top_k_by_chunks, top_k_filter, top_p_filter
 from gpt2_effnet.decoding.sampling import sample_tokens
@@ -163,299 +163,6 @@ def test_compiled_loop_equals_eager_loop(rng) -> None:
         eager = generate(decoder, prompt, return_scores=True, compile=False, **common)
         np.testing.assert_array_equal(compiled.sequences, eager.sequences)
         np.testing.assert_allclose(compiled.scores, eager.scores, atol=1e-4)
-
-
-def test_on_a_cpu_the_decode_loop_is_its_own_xla_program_and_decodes_the_same(rng, monkeypatch) -> None:
-    """jit_compile="auto" on a CPU: up to XLA_STEP_MAX_ROWS rows, everything after the image
-    encoder is one XLA program called from the plain graph; more rows keep a graph loop
-    whose token choice alone is an XLA program. Both must decode what the plain-graph
-    loop (jit_compile=False) and the eager loop do."""
-    import keras
-
-    from gpt2_effnet.decoding import backend
-    from gpt2_effnet.decoding.backend import (
-        XLA_STEP_MAX_ROWS,
-        XLA_WIDE_MAX_ROWS,
-        loop_compiler,
-        step_compiler,
-    )
-
-    def plus_one(x, select=None, select_args=()):
-        return (x + 1 if select is None else select(x + 1, *select_args)), None
-
-    def twice(x):
-        return x * 2
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        if not tf.config.list_logical_devices("GPU"):
-            loop = loop_compiler("auto")(twice)
-            assert loop.xla._jit_compile is True
-            for rows, traces in ((1, 1), (XLA_STEP_MAX_ROWS, 2), (XLA_STEP_MAX_ROWS + 1, 2)):
-                np.testing.assert_array_equal(np.asarray(loop(rows, tf.ones((rows, 2)))), 2.0)
-                assert loop.xla.experimental_get_tracing_count() == traces  # larger loops stay in the graph
-            step = step_compiler("auto")(plus_one)
-            choices = []
-
-            def choose(logits):
-                choices.append(tf.executing_eagerly())
-                return logits
-
-            for rows in (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1):
-                step(tf.zeros((rows, 2)), select=choose)
-            # Inlined at 16 rows (called eagerly here); traced into its own program at 17.
-            assert choices == [True, False]
-            # A bfloat16 model step (max_xla_rows=0): never an XLA loop, its choice always one.
-            step = step_compiler("auto", max_xla_rows=0)(plus_one)
-            step(tf.zeros((1, 2)), select=choose)
-            assert choices[-1] is False
-            graph_loop = loop_compiler("auto", max_xla_rows=0)(twice)
-            np.testing.assert_array_equal(np.asarray(graph_loop(1, tf.ones((1, 2)))), 2.0)
-            assert graph_loop.xla.experimental_get_tracing_count() == 0
-            # The XLA loop's head multiplies a [W, V] copy of the table from 2 rows on a CPU
-            # where that is faster (AMD's, or forced); else, and in a graph loop, never.
-            sizes = (1, 2, XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1)
-            for vendor, forced, want in (("AuthenticAMD", None, True), ("GenuineIntel", None, False),
-                                         ("", None, False), ("GenuineIntel", True, True), ("AuthenticAMD", False, False)):
-                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
-                monkeypatch.setattr(backend, "TRANSPOSED_HEAD", forced)
-                assert [loop.transposed_head(rows) for rows in sizes] == [False, want, want, False], (vendor, forced)
-                assert not any(graph_loop.transposed_head(rows) for rows in sizes)
-            monkeypatch.undo()
-            # Intel and AMD: a float32 loop of 17-96 / 17-64 rows is an XLA program too; Intel's
-            # multiplies [N, K] kernel copies, AMD's the kernels as stored.
-            wide = loop_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(twice)
-            wide_step = step_compiler("auto", wide_max_rows=XLA_WIDE_MAX_ROWS)(plus_one)
-            amd = backend.XLA_WIDE_VENDOR_ROWS["AuthenticAMD"]
-            assert XLA_STEP_MAX_ROWS < amd < XLA_WIDE_MAX_ROWS == backend.XLA_WIDE_VENDOR_ROWS["GenuineIntel"]
-            sizes = (XLA_STEP_MAX_ROWS, XLA_STEP_MAX_ROWS + 1, amd, amd + 1, XLA_WIDE_MAX_ROWS, XLA_WIDE_MAX_ROWS + 1)
-            # vendor, forced rows, forced copies -> rows of the wide loop, copies
-            cases = (("GenuineIntel", None, None, XLA_WIDE_MAX_ROWS, True), ("AuthenticAMD", None, None, amd, False),
-                     ("", None, None, 0, False), ("", 40, None, 40, False), ("", 1000, True, XLA_WIDE_MAX_ROWS, True),
-                     ("AuthenticAMD", None, True, amd, True), ("GenuineIntel", None, False, XLA_WIDE_MAX_ROWS, False),
-                     ("GenuineIntel", 0, None, 0, False), ("AuthenticAMD", 0, True, 0, False))
-            for extra, (vendor, forced_rows, forced_copies, limit, copies) in enumerate(cases):
-                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
-                monkeypatch.setattr(backend, "XLA_WIDE_ROWS", forced_rows)
-                monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", forced_copies)
-                case = (vendor, forced_rows, forced_copies)
-                want = [copies and XLA_STEP_MAX_ROWS < rows <= limit for rows in sizes]
-                assert [wide.transposed_kernels(rows) for rows in sizes] == want, case
-                assert not any(loop.transposed_kernels(rows) for rows in sizes)  # no wide rows asked for
-                for rows in (XLA_STEP_MAX_ROWS + 1, limit + 1):
-                    if not XLA_STEP_MAX_ROWS < rows <= XLA_WIDE_MAX_ROWS + 1:
-                        continue
-                    xla = XLA_STEP_MAX_ROWS < rows <= limit
-                    shape = (rows, 3 + extra)  # a new shape: the XLA program traces it anew
-                    traced = wide.xla.experimental_get_tracing_count()
-                    np.testing.assert_array_equal(np.asarray(wide(rows, tf.ones(shape))), 2.0)
-                    assert wide.xla.experimental_get_tracing_count() == traced + xla, (case, rows)
-                    del choices[:]
-                    wide_step(tf.zeros(shape), select=choose)
-                    assert choices == [xla], (case, rows)  # inlined into the XLA loop (eager here), or its own program
-            # A wide loop's head takes the [W, V] copy up to TRANSPOSED_HEAD_MAX_ROWS rows where
-            # the CPU favours it; a graph loop of the same rows never does.
-            head_max = backend.TRANSPOSED_HEAD_MAX_ROWS
-            assert XLA_STEP_MAX_ROWS < head_max < XLA_WIDE_MAX_ROWS
-            sizes = (XLA_STEP_MAX_ROWS + 1, head_max, head_max + 1)
-            for vendor, forced_rows, want in (("AuthenticAMD", None, True), ("AuthenticAMD", 0, False),
-                                              ("GenuineIntel", None, False)):
-                monkeypatch.setattr(backend, "cpu_vendor", lambda vendor=vendor: vendor)
-                monkeypatch.setattr(backend, "XLA_WIDE_ROWS", forced_rows)
-                assert [wide.transposed_head(rows) for rows in sizes] == [want, want, False], (vendor, forced_rows)
-                assert not any(loop.transposed_head(rows) for rows in sizes)
-            monkeypatch.undo()
-    for setting in (False, True):
-        assert step_compiler(setting)(plus_one) is plus_one  # no XLA, or XLA for the whole program
-        plain = loop_compiler(setting)(twice)
-        assert not hasattr(plain, "xla") and float(np.asarray(plain(1, np.float32(3.0)))) == 6.0
-        assert not plain.transposed_head(4)
-    decoder = tiny_decoder(14, seed=5, n_positions=24)
-    prompt = rng.integers(0, 14, (3, 2))
-    # 3 rows: model and choice in one XLA program; 24 and 18 rows: the model step in the
-    # graph, the token choice as its own XLA program.
-    wide = rng.integers(0, 14, (24, 2))
-    for prompts, kwargs in ((prompt, dict()), (prompt, dict(num_beams=3, num_return_sequences=2)),
-                            (prompt, dict(do_sample=True, top_p=0.9, seed=3)),
-                            (wide, dict(repetition_penalty=1.5)), (wide[:6], dict(num_beams=3)),
-                            (wide[:, :1], {}),  # no prefill: the step writes into new buffers
-                            (wide, dict(do_sample=True, top_k=5, seed=3))):
-        common = dict(max_new_tokens=9, eos_token_id=3, return_scores=True, **kwargs)
-        auto = generate(decoder, prompts, **common)
-        graph = generate(decoder, prompts, jit_compile=False, **common)
-        eager = generate(decoder, prompts, compile=False, **common)
-        for other in (graph, eager):
-            np.testing.assert_array_equal(auto.sequences, other.sequences)
-            np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
-
-
-def test_a_transposed_head_table_gives_the_head_s_logits_and_the_cpu_xla_loop_multiplies_it(rng, monkeypatch) -> None:
-    """precision.head_tables(transposed=True): float32 [W, V] copies of the head's tables, which
-    GPT2Decoder.head multiplies as they lie; same logits as the [V, W] table (specials, a
-    restricted output vocabulary, the special column left out). On TensorFlow's CPU split,
-    generate hands them to an XLA loop of 2-48 rows (above 16 only where wide loops are
-    XLA) and to no other; the tests around this one check those loops' tokens against the
-    graph and eager loops."""
-    import keras
-
-    from gpt2_effnet.decoding import backend, precision
-    from gpt2_effnet.decoding.backend import cpu_split
-
-    config = GPT2Config(vocab_size=14, n_positions=16, n_embd=16, n_layer=1, n_head=2)
-    hidden = rng.normal(size=(3, 2, 16)).astype("float32")
-    layouts = ({}, {"num_special_tokens": 2}, {"num_special_tokens": 1, "output_vocabulary": [0, 3, 5, 9]})
-    for kwargs in layouts:
-        decoder = GPT2Decoder(config, **kwargs)
-        decoder(np.zeros((1, 1), "int32"))
-        tables = precision.head_tables(decoder, "float32", transposed=True)
-        for table, plain in zip(tables, decoder.head_tables()):
-            assert (table is None) == (plain is None)
-            if table is not None:
-                assert tuple(table.shape) == tuple(plain.shape)[::-1]
-        for specials in (True, False):
-            want = np.asarray(decoder.head(hidden, specials=specials))
-            got = np.asarray(decoder.head(hidden, tables=tables, specials=specials, transposed=True))
-            assert got.shape == want.shape
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert precision.head_tables(decoder, "float32") is None
-    with pytest.raises(ValueError, match="float32"):
-        precision.head_tables(decoder, "bfloat16-head", transposed=True)
-
-    if not cpu_split("auto") or keras.backend.backend() != "tensorflow":
-        return
-    seen = []
-    head = GPT2Decoder.head
-
-    def spy(self, hidden, *args, **kwargs):
-        seen.append(kwargs.get("transposed", False))
-        return head(self, hidden, *args, **kwargs)
-
-    monkeypatch.setattr(GPT2Decoder, "head", spy)
-    monkeypatch.setattr(backend, "TRANSPOSED_HEAD", True)  # whatever this CPU is
-    # 17 prompts decode as 32 rows (the batch's bucket), 33 as 64: a graph loop where wide
-    # XLA loops are off, else an XLA loop whose head takes the copy up to 48 rows.
-    cases = ((1, {}, False, False), (2, {}, False, True), (1, {"num_beams": 3}, False, True), (17, {}, False, False),
-             (17, {}, True, True), (33, {}, True, False), (6, {"num_beams": 3}, True, True),
-             (17, {"num_beams": 3}, True, False), (17, {"precision": "bfloat16-head"}, True, False),
-             (2, {"jit_compile": False}, False, False), (2, {"precision": "bfloat16-head"}, False, False))
-    for rows, kwargs, wide, want in cases:
-        monkeypatch.setattr(backend, "XLA_WIDE_ROWS", backend.XLA_WIDE_MAX_ROWS if wide else 0)
-        decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under these settings
-        seen.clear()
-        generate(decoder, rng.integers(0, 14, (rows, 2)), max_new_tokens=3, **kwargs)
-        # The steps' heads (the prefill's logits are unused; its head may take the plain table).
-        assert seen and (True in seen) == want, (rows, kwargs, wide, seen)
-    # Where the copy is not the faster layout, the 2-row loop multiplies the table as it lies.
-    monkeypatch.setattr(backend, "TRANSPOSED_HEAD", False)
-    decoder = tiny_decoder(14, seed=5, n_positions=24)
-    seen.clear()
-    generate(decoder, rng.integers(0, 14, (2, 2)), max_new_tokens=3)
-    assert seen and True not in seen, seen
-
-
-def test_kernel_copies_give_the_dense_layers_products_and_a_wide_xla_loop_decodes_the_same(
-    rng, monkeypatch, captioner
-) -> None:
-    """layers.kernel_copies: while set, every Dense layer multiplies its [N, K] copy (same
-    outputs as its kernel), and nothing is left set after. With wide XLA loops forced on
-    (backend.XLA_WIDE_ROWS), a float32 loop of 17-96 rows is one XLA program, multiplying the
-    copies where backend.TRANSPOSED_KERNELS says (Intel CPUs by default) and the stored
-    kernels elsewhere: same tokens and scores as the graph and eager loops, greedy, beam
-    and sampling."""
-    import keras
-
-    from gpt2_effnet import layers
-    from gpt2_effnet.decoding import backend
-    from gpt2_effnet.decoding.backend import cpu_split
-
-    decoder = tiny_decoder(14, seed=5, n_positions=24)
-    ids = rng.integers(0, 14, (3, 4))
-    want = np.asarray(decoder(ids))
-    copies = layers.transposed_kernels(decoder)
-    dense = layers.dense_layers(decoder)
-    assert len(copies) == len(dense) == 4 * decoder.gpt2_config.n_layer
-    for layer, copy in zip(dense, copies):
-        assert tuple(copy.shape) == tuple(layer.kernel.shape)[::-1]
-    with layers.kernel_copies(decoder, copies):
-        assert all(layer._kernel_copy is not None for layer in dense)
-        # Copies that differ from the kernels show that the layers read them.
-        with layers.kernel_copies(decoder, tuple(copy * 2.0 for copy in copies)):
-            doubled = np.asarray(decoder(ids))
-        assert not np.allclose(doubled, want, atol=1e-3)
-    with layers.kernel_copies(decoder, copies):
-        np.testing.assert_allclose(np.asarray(decoder(ids)), want, rtol=1e-5, atol=1e-5)
-    assert all(layer._kernel_copy is None for layer in dense)
-    with pytest.raises(ValueError, match="kernel copies"), layers.kernel_copies(decoder, copies[:-1]):
-        pass
-
-    if not cpu_split("auto") or keras.backend.backend() != "tensorflow":
-        return
-    seen = []
-    call = layers.Dense.call
-
-    def spy(self, inputs, *args, **kwargs):
-        seen.append(self._kernel_copy is not None)
-        return call(self, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(layers.Dense, "call", spy)
-    monkeypatch.setattr(backend, "XLA_WIDE_ROWS", backend.XLA_WIDE_MAX_ROWS)
-    wide = rng.integers(0, 14, (18, 2))
-    # With the copies (Intel's loop) and without (AMD's: the kernels as stored).
-    for copies in (True, False):
-        monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", copies)
-        for prompts, kwargs in ((wide, {}), (wide[:6], {"num_beams": 3}),
-                                (wide, {"do_sample": True, "top_k": 5, "seed": 3})):
-            common = {"max_new_tokens": 6, "eos_token_id": 3, "return_scores": True, **kwargs}
-            decoder = tiny_decoder(14, seed=5, n_positions=24)  # new programs, traced under the spy
-            seen.clear()
-            auto = generate(decoder, prompts, **common)
-            assert seen and all(seen) == copies and any(seen) == copies, kwargs  # every product, or none
-            graph = generate(decoder, prompts, jit_compile=False, **common)
-            eager = generate(decoder, prompts, compile=False, **common)
-            for other in (graph, eager):
-                np.testing.assert_array_equal(auto.sequences, other.sequences)
-                np.testing.assert_allclose(auto.scores, other.scores, atol=1e-4)
-    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", True)
-    # A captioner's loop too (its cross-attention's layers included): 6 images x 3 beams.
-    images = rng.uniform(0, 255, (6, 64, 64, 3)).astype("float32")
-    seen.clear()
-    fast = generate_captions(captioner, images, eos_token_id=0, num_beams=3)
-    assert True in seen
-    np.testing.assert_array_equal(fast, generate_captions(captioner, images, eos_token_id=0, num_beams=3, compile=False))
-    # Below 17 rows, for a bfloat16 head, and for a model whose copies would exceed the
-    # memory allowed them, the kernels are multiplied as stored.
-    need = 4 * sum(int(np.prod(layer.kernel.shape)) for layer in layers.dense_layers(decoder))  # float32 copies
-    assert need == 4 * 2 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16)
-    for prompts, kwargs, max_bytes in ((wide[:4], {}, None), (wide, {"precision": "bfloat16-head"}, None),
-                                       (wide, {}, need - 1)):
-        if max_bytes is not None:
-            monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", max_bytes)
-        decoder = tiny_decoder(14, seed=5, n_positions=24)
-        seen.clear()
-        generate(decoder, prompts, max_new_tokens=3, **kwargs)
-        assert seen and not any(seen), kwargs
-    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", need)  # exactly enough
-    decoder = tiny_decoder(14, seed=5, n_positions=24)
-    seen.clear()
-    generate(decoder, wide, max_new_tokens=3)
-    assert seen and all(seen)
-    # The memory limit is the copies' alone: a wide loop that multiplies the stored kernels
-    # (AMD's) is asked for whatever the model's size; with copies, only within the limit.
-    from gpt2_effnet.decoding import api
-
-    asked = []
-
-    def compiler(*args, **kwargs):
-        asked.append(args[3])  # wide_max_rows
-        return backend.loop_compiler(*args, **kwargs)
-
-    monkeypatch.setattr(api, "loop_compiler", compiler)
-    monkeypatch.setattr(backend, "TRANSPOSED_KERNELS_MAX_BYTES", need - 1)
-    for copies, want in ((False, backend.XLA_WIDE_MAX_ROWS), (True, 0)):
-        monkeypatch.setattr(backend, "TRANSPOSED_KERNELS", copies)
-        generate(tiny_decoder(14, seed=5, n_positions=24), wide, max_new_tokens=3)
-        assert asked[-1] == want, copies
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -634,7 +341,7 @@ def test_beam_search_without_processors_ranks_chunks_and_equals_the_full_ranking
                 dict(num_beams=3, eos_token_id=7, early_stopping=True)]
     fast = [generate(decoder, prompts, max_new_tokens=6, return_scores=True, **kw) for kw in settings]
     monkeypatch.setattr(beam_module, "processes", lambda config: True)  # the full ranking path
-    decoder.__dict__.pop("_gpt2_effnet_decode_programs")  # traced again with the full ranking
+    compiled_programs(decoder).clear()  # traced again with the full ranking
     for kw, got in zip(settings, fast):
         full = generate(decoder, prompts, max_new_tokens=6, return_scores=True, **kw)
         np.testing.assert_array_equal(got.sequences, full.sequences)
@@ -789,7 +496,7 @@ def test_batch_sizes_share_a_compiled_program_per_bucket(captioner, rng) -> None
         np.testing.assert_array_equal(three, eager)
         np.testing.assert_array_equal(three, four[: len(three), : three.shape[1]])
     if keras.backend.backend() == "tensorflow":
-        programs = captioner.__dict__["_gpt2_effnet_decode_programs"]
+        programs = compiled_programs(captioner)
         traced = [p.experimental_get_tracing_count() for p in programs.values() if hasattr(p, "experimental_get_tracing_count")]
         assert traced and max(traced) == 1, traced
 
@@ -811,7 +518,7 @@ def test_new_temperature_top_p_and_penalties_reuse_the_compiled_program(rng) -> 
     ]
     for first, second in pairs:
         before = generate(decoder, prompt, **common, **first)
-        programs = decoder.__dict__["_gpt2_effnet_decode_programs"]
+        programs = compiled_programs(decoder)
         count = len(programs)
         after = generate(decoder, prompt, **common, **second)
         assert len(programs) == count, (first, second)
@@ -832,7 +539,7 @@ def test_new_temperature_top_p_and_penalties_reuse_the_compiled_program(rng) -> 
             assert max(traced) == 1, traced
     # Sampling always divides by the temperature (exact at 1.0), so 1.0 shares the program and
     # decodes as the eager loop does; top-p switched off (1.0) is a different program.
-    programs = decoder.__dict__["_gpt2_effnet_decode_programs"]
+    programs = compiled_programs(decoder)
     count = len(programs)
     neutral = dict(do_sample=True, temperature=1.0, top_p=0.9, seed=2)
     compiled = generate(decoder, prompt, **common, **neutral)

@@ -70,11 +70,11 @@ def test_cached_decoding_with_image_equals_full_forward(config, rng) -> None:
     cache = model.decoder.init_cache(2, 12)
     steps = []
     for t in range(ids.shape[1]):
-        logits, cache = model.decoder.call_with_cache(ids[:, t : t + 1], cache, t, image_kv=image_kv)
+        logits, cache = model.decoder.call_with_cache(ids[:, t : t + 1], cache, image_kv=image_kv)
         steps.append(np.asarray(logits)[:, 0])
     np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)
     # A prompt fed in one call, then single steps, gives the same logits too.
-    logits, cache = model.decoder.call_with_cache(ids[:, :5], model.decoder.init_cache(2, 12), 0, image_kv=image_kv)
+    logits, cache = model.decoder.call_with_cache(ids[:, :5], model.decoder.init_cache(2, 12), image_kv=image_kv)
     np.testing.assert_allclose(np.asarray(logits), full[:, :5], atol=1e-5)
 
 
@@ -94,7 +94,7 @@ def test_rows_grouped_per_image_equal_the_image_kv_repeated(config, rng) -> None
     assert np.abs(grouped - np.asarray(model.decoder(ids, image_kv=tiled))).max() > 1e-3
     cache = model.decoder.init_cache(2 * group, 8)
     for t in range(ids.shape[1]):
-        logits, cache = model.decoder.call_with_cache(ids[:, t : t + 1], cache, t, image_kv=image_kv)
+        logits, cache = model.decoder.call_with_cache(ids[:, t : t + 1], cache, image_kv=image_kv)
         np.testing.assert_allclose(np.asarray(logits)[:, 0], grouped[:, t], atol=1e-5)
     maps = np.asarray(model.decoder.cross_attention_weights(ids, image_kv))
     np.testing.assert_allclose(maps, np.asarray(model.decoder.cross_attention_weights(ids, repeated)), atol=1e-6)
@@ -188,7 +188,7 @@ def test_decoder_runs_identically_on_the_torch_backend(tmp_path, rng) -> None:
         cache = d.init_cache(2, 8)
         steps = []
         for t in range(ids.shape[1]):
-            logits, cache = d.call_with_cache(ids[:, t:t+1], cache, t)
+            logits, cache = d.call_with_cache(ids[:, t:t+1], cache)
             steps.append(keras.ops.convert_to_numpy(logits)[:, 0])
         np.testing.assert_allclose(np.stack(steps, 1), full, atol=1e-5)
         np.save(r"{tmp_path / 'torch.npy'}", full)

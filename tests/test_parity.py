@@ -86,7 +86,7 @@ def test_cached_decoding_matches_full_forward_and_transformers(case: dict, loade
     cache = loaded.init_cache(batch, length)
     steps = []
     for position in range(length):
-        step_logits, cache = loaded.call_with_cache(ids[:, position : position + 1], cache, position)
+        step_logits, cache = loaded.call_with_cache(ids[:, position : position + 1], cache)
         steps.append(np.asarray(step_logits)[:, 0])
     incremental = np.stack(steps, axis=1)
     delta_full = float(np.max(np.abs(incremental - full)))
@@ -102,10 +102,10 @@ def test_cached_prefill_then_steps(case: dict, loaded) -> None:
     batch, length = ids.shape
     prefill = length // 2
     cache = loaded.init_cache(batch, length)
-    first, cache = loaded.call_with_cache(ids[:, :prefill], cache, 0)
+    first, cache = loaded.call_with_cache(ids[:, :prefill], cache)
     rest = []
     for position in range(prefill, length):
-        step_logits, cache = loaded.call_with_cache(ids[:, position : position + 1], cache, position)
+        step_logits, cache = loaded.call_with_cache(ids[:, position : position + 1], cache)
         rest.append(np.asarray(step_logits)[:, 0])
     incremental = np.concatenate([np.asarray(first), np.stack(rest, axis=1)], axis=1)
     assert float(np.max(np.abs(incremental - case["reference"]))) <= TOLERANCE

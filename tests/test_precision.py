@@ -13,7 +13,9 @@ import pytest
 
 from gpt2_effnet.config import GPT2Config
 from gpt2_effnet.decoding import generate, generate_captions
-from gpt2_effnet.decoding.precision import decoder_in, head_tables
+from gpt2_effnet.decoding.kernels import DecodeKernels, prepare
+from gpt2_effnet.decoding.plan import DecodePlan
+from gpt2_effnet.decoding.precision import decoder_in
 from gpt2_effnet.gpt2 import GPT2Decoder
 
 VOCAB = 512
@@ -62,7 +64,8 @@ def test_a_bfloat16_head_moves_the_logits_less_than_the_bfloat16_twin(decoder) -
     prompts = np.random.default_rng(1).integers(0, VOCAB, (64, 16))
     exact = np.asarray(decoder(prompts), np.float64)
     hidden = decoder.hidden_states(prompts)
-    low = np.asarray(decoder.head(hidden, tables=head_tables(decoder, "bfloat16-head")), np.float64)
+    plan = DecodePlan(rows=64, head="bfloat16")
+    low = np.asarray(decoder.head(hidden, kernels=DecodeKernels(plan, decoder, prepare(plan, decoder, True))), np.float64)
     twin = np.asarray(decoder_in(decoder, "bfloat16")(prompts), np.float64)
     change = np.abs(low - exact).max() / exact.std()
     twin_change = np.abs(twin - exact).max() / exact.std()

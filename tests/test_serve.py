@@ -111,6 +111,9 @@ def test_health_and_captions_by_body_and_by_form(server, run_dir) -> None:
     url, _ = server
     health = _request(url + "/health")[1]
     assert health["status"] == "ok" and health["precision"] == "float32" and health["backbone_precision"] == "float32"
+    from gpt2_effnet.decoding import plan_for  # the plan a plain request's batch of 4 runs
+
+    assert health["decode_plan"] == plan_for(Captioner.load(run_dir), 4, eos_token_id=50256).as_dict()
     image = _image(1)
     status, raw = _request(url + "/caption?beams=2", image)
     assert status == 200, raw

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--xla", action="store_true",
                         help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
+    parser.add_argument("--explain", action="store_true",
+                        help="print the decode plan of each batch size this run would decode (how it is compiled "
+                             "and computed on this machine, and the tuning behind it), then exit without captioning")
     parser.add_argument("--out", default=None, help="output .jsonl or .csv (default: JSON lines on stdout)")
     parser.add_argument("--attention", default=None, metavar="DIR",
                         help="also write, per image, a picture of each word's cross-attention map (DIR is created)")
@@ -165,6 +168,13 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"cannot load --checkpoint {checkpoint}: {first}")
     config = model.captioner_config
     size, max_pixels = config.model.image_size, config.train.max_image_pixels
+    if args.explain:
+        from ..decoding import plan_for
+
+        batches = {min(args.batch_size, len(paths)), len(paths) % args.batch_size} - {0}
+        for batch in sorted(batches, reverse=True):
+            print(f"{batch} image(s) a batch: " + plan_for(model, batch, **kwargs).explain())
+        return 0
 
     attention_dir = Path(args.attention) if args.attention else None
     pending: list[tuple[np.ndarray, Any]] = []  # this batch's (pixels, CaptionAttention), in order

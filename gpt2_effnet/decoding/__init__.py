@@ -2,7 +2,9 @@
 
 All samplers run one compiled decode loop over a preallocated static KV cache; see
 :mod:`.base` (step function), :mod:`.beam` (beam search and its length penalty),
-:mod:`.sampling` (seeded sampling) and :mod:`.processors`.
+:mod:`.sampling` (seeded sampling) and :mod:`.processors`. How a call is compiled and
+computed is a :class:`~.plan.DecodePlan` (:mod:`.plan`), made from the request, the
+model and the machine's tuning (:mod:`.tuning`); its kernels are in :mod:`.kernels`.
 
 Names are imported lazily, so ``gpt2-effnet caption --help`` does not pay for Keras.
 """
@@ -13,6 +15,10 @@ from gpt2_effnet._lazy import lazy_exports
 
 _EXPORTS = {
     "DecodeModel": "gpt2_effnet.decoding.base",
+    "DecodePlan": "gpt2_effnet.decoding.plan",
+    "Tuning": "gpt2_effnet.decoding.tuning",
+    "compiled_programs": "gpt2_effnet.decoding.api",
+    "plan_for": "gpt2_effnet.decoding.api",
     "GenerationConfig": "gpt2_effnet.decoding.base",
     "GenerationOutput": "gpt2_effnet.decoding.base",
     "caption_strings": "gpt2_effnet.decoding.api",

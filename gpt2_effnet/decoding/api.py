@@ -1,7 +1,8 @@
-"""Public entry points: ``generate`` (plain GPT-2 or captioner), ``generate_captions``, ``caption_strings``.
+"""Public entry points: ``generate`` (plain GPT-2 or captioner), ``generate_captions``,
+``caption_strings``, and ``plan_for`` (the :class:`~.plan.DecodePlan` a call would run).
 
-Each distinct (settings, model) pair is compiled once into one program (image encoding,
-prompt prefill and the whole decode loop) and cached on the model; the seed, the inputs
+Each distinct (settings, plan) pair is compiled once into one program (image encoding,
+prompt prefill and the whole decode loop) and kept with the model; the seed, the inputs
 and the numeric settings that do not change the program's shape (temperature, top-p,
 repetition and length penalties) are runtime arguments, and batches are padded to a
 bucket size, so a new seed, a new such value or a new batch size in a traced bucket
@@ -16,24 +17,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from keras import ops
 
-from ..layers import dense_layers, kernel_copies, transposed_kernels
-from . import backend
-from .backend import (
-    XLA_STEP_MAX_ROWS,
-    XLA_WIDE_MAX_ROWS,
-    JitSetting,
-    compile_loop,
-    loop_compiler,
-    resolve_jit,
-    step_compiler,
-)
-from .base import DecodeModel, GenerationConfig, GenerationOutput, RuntimeSettings
+from .base import DecodeModel, GenerationConfig, GenerationOutput, RuntimeSettings, decode_state
 from .beam import beam_loop
 from .greedy import token_loop
-from .precision import decoder_in, head_tables, refresh
+from .kernels import DecodeKernels, prepare
+from .plan import DecodePlan, JitSetting, compile_program, make_plan, xla_function
+from .precision import decoder_in, refresh
+from .tuning import Tuning
 
 GPT2_EOS = 50256  # <|endoftext|> in the real GPT-2 vocabulary
-_CACHE_ATTR = "_gpt2_effnet_decode_programs"
 _SETTINGS = {f.name for f in dataclasses.fields(GenerationConfig)} - {"suppress_from"}
 
 
@@ -64,87 +56,84 @@ def make_config(model: Any, **kwargs: Any) -> GenerationConfig:
     return GenerationConfig(**kwargs)
 
 
-def _program(model: Any, config: GenerationConfig, use_cache: bool, compile: bool, jit: JitSetting) -> Callable:
-    """The compiled decode program for these settings, built on first use and kept on the model.
+def _repeats(config: GenerationConfig) -> int:
+    return config.num_beams if config.num_beams > 1 else config.num_return_sequences
+
+
+def plan_for(
+    model: Any,
+    batch_size: int,
+    *,
+    use_cache: bool = True,
+    compile: bool = True,
+    jit_compile: JitSetting = "auto",
+    tuning: Tuning | None = None,
+    **kwargs: Any,
+) -> DecodePlan:
+    """The plan ``generate(model, ...)`` runs for ``batch_size`` inputs with these keywords."""
+    config = make_config(model, **{k: v for k, v in kwargs.items() if k not in ("seed", "images", "return_scores")})
+    return _plan(model, config, batch_size, use_cache, compile, jit_compile, tuning)
+
+
+def _plan(model: Any, config: GenerationConfig, batch: int, use_cache: bool, compile: bool, jit: JitSetting,
+          tuning: Tuning | None) -> DecodePlan:
+    rows = (bucket_size(batch) if compile else batch) * _repeats(config)
+    decoder = model.decoder if _is_captioner(model) else model
+    return make_plan(decoder, config, rows, use_cache=use_cache, compile=compile, jit_compile=jit, tuning=tuning)
+
+
+def _computes_specials(decoder: Any, config: GenerationConfig) -> bool:
+    """Whether the head computes the special tokens' logits: not when all are suppressed."""
+    return not (decoder.num_special_tokens and config.suppress_from == decoder.gpt2_config.vocab_size)
+
+
+def compiled_programs(model: Any) -> dict[tuple[GenerationConfig, DecodePlan], Callable]:
+    """The model's compiled decode programs, by (settings as traced, plan)."""
+    return decode_state(model).programs
+
+
+def _program(model: Any, config: GenerationConfig, plan: DecodePlan) -> Callable:
+    """The compiled decode program for these settings and this plan, built on first use.
 
     Keyed by the settings' :meth:`~GenerationConfig.program_key`: the program is traced
-    with the stand-in values and reads the real ones from its ``values`` input.
-    """
-    whole = resolve_jit(jit) if compile else False
+    with the stand-in values and reads the real ones from its ``values`` input."""
     config = config.program_key()
-    key = (config, use_cache, compile, jit if compile else False)
-    programs = model.__dict__.setdefault(_CACHE_ATTR, {})  # plain dict: bypasses Keras' attribute tracking
-    if key in programs:
-        return programs[key]
-    # A model that is not compiled would need no cache attribute, but a cached eager
-    # function costs nothing and keeps one code path.
-    # A bfloat16 model step stays in the plain graph at every size: as an XLA program it was
-    # 2.9x slower (GPT-2 124M, batch 1), XLA's CPU dot not taking oneDNN's bfloat16 path.
-    # Its token choice still runs in XLA (float32 logits): GPT-2 124M greedy at batch 32,
-    # the log-softmax and argmax took 7 ms a step in the graph. Without the cache (checks,
-    # the benchmark's baseline) the loop is unrolled: it stays a graph too.
-    xla_rows = 0 if config.precision == "bfloat16" else XLA_STEP_MAX_ROWS
-    # Wider float32 loops as XLA programs where the CPU gains (backend.XLA_WIDE_MAX_ROWS); a
-    # bfloat16 head stays out (XLA's bfloat16 dot is slow), and where the loop would multiply
-    # [N, K] kernel copies, so do models whose copies would take more than
-    # TRANSPOSED_KERNELS_MAX_BYTES.
-    decoder = model.decoder if _is_captioner(model) else model
-    kernel_bytes = 4 * sum(int(np.prod(layer.kernel.shape)) for layer in dense_layers(decoder))  # float32
-    wide_allowed = kernel_bytes <= backend.TRANSPOSED_KERNELS_MAX_BYTES or not backend.transposed_kernels_faster()
-    wide_rows = XLA_WIDE_MAX_ROWS if config.precision == "float32" and wide_allowed else 0
-    run = decode_function(model, config, use_cache, compile_step=step_compiler(jit, compile, xla_rows, wide_rows),
-                          compile_decode=loop_compiler(jit, compile and use_cache, xla_rows, wide_rows))
-    programs[key] = compile_loop(run, compile=compile, jit_compile=whole)
-    return programs[key]
+    programs = compiled_programs(model)
+    if (config, plan) not in programs:
+        programs[config, plan] = compile_program(decode_function(model, config, plan), plan)
+    return programs[config, plan]
 
 
-def decode_function(
-    model: Any,
-    config: GenerationConfig,
-    use_cache: bool = True,
-    compile_step: Callable[[Callable], Callable] | None = None,
-    compile_decode: Callable[[Callable], Callable] | None = None,
-) -> Callable:
+def decode_function(model: Any, config: GenerationConfig, plan: DecodePlan | None = None) -> Callable:
     """The whole decode, uncompiled: ``run(prompt [B, P], images [B, S, S, 3] | None, seed)`` ->
-    ``{"sequences", "scores", "lengths"}``. :func:`generate` compiles it; the SavedModel
-    export traces it into its serving graph. ``compile_step`` wraps the cached decode step
-    (see :func:`~.backend.step_compiler`), ``compile_decode`` everything after the image
-    encoder (:func:`~.backend.loop_compiler`); None inlines them. ``run(..., values=...)``
-    takes the settings' :meth:`~GenerationConfig.runtime_values` as an input (a tensor)
-    instead of the constants in ``config``."""
+    ``{"sequences", "scores", "lengths"}``; :func:`generate` compiles it as ``plan`` says, the
+    SavedModel export traces it with the default plan (a plain graph, no XLA).
+    ``run(..., values=...)``: the settings' :meth:`~GenerationConfig.runtime_values` as an
+    input instead of the constants in ``config``."""
     captioner = model if _is_captioner(model) else None
     decoder = decoder_in(model.decoder if captioner is not None else model, config.precision)
-    # Every special token suppressed (a captioner's BOS and extras): no logits for them at all.
-    specials = not (decoder.num_special_tokens and config.suppress_from == decoder.gpt2_config.vocab_size)
-    decode_model = DecodeModel(decoder, use_cache=use_cache, compile_step=compile_step, specials=specials)
-    repeats = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+    plan = plan or make_plan(decoder, config, 0, jit_compile=False)
+    specials = _computes_specials(decoder, config)
+    repeats = _repeats(config)
 
-    def decode(
-        prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, tables: Any, transposed: bool,
-        kernels: Any,
-    ) -> dict[str, Any]:
+    def loop(prompt: Any, image_kv: Any, seed: Any, prompt_mask: Any, values: Any, prepared: Any) -> dict[str, Any]:
         settings = config if values is None else RuntimeSettings(config, values)
+        kernels = DecodeKernels(plan, decoder, prepared, specials)
+        decode_model = DecodeModel(decoder, kernels, plan.cache, xla_choice=plan.token_choice == "xla")
         decode_model.set_prompt_mask(prompt_mask, prompt.shape[1] + config.max_new_tokens, repeats)
-        decode_model.head_tables, decode_model.head_transposed = tables, transposed
-        with kernel_copies(decoder, kernels):
-            if config.num_beams > 1:
-                return beam_loop(decode_model, prompt, image_kv, settings, seed)
-            return token_loop(decode_model, prompt, image_kv, seed, settings)
+        if config.num_beams > 1:
+            return beam_loop(decode_model, prompt, image_kv, settings, seed)
+        return token_loop(decode_model, prompt, image_kv, seed, settings)
 
-    wrapped = (compile_decode or loop_compiler(False))(decode)  # False: called as it is
+    if plan.loop == "xla":
+        loop = xla_function(loop)
 
     def run(prompt: Any, images: Any, seed: Any, prompt_mask: Any = None, values: Any = None) -> dict[str, Any]:
         image_kv = None
         if images is not None:
             image_kv = captioner.encode_images(images, training=False, backbone_precision=config.backbone_precision)
             image_kv = ops.cast(image_kv, decoder.compute_dtype)
-        rows = prompt.shape[0] * repeats
-        # A [W, V] copy of the head's table where the loop multiplies it faster (float32 only).
-        transposed = config.precision == "float32" and wrapped.transposed_head(rows)
-        tables = head_tables(decoder, config.precision, transposed)
-        # [N, K] copies of the block kernels, made here in the graph (XLA's transposes are slower).
-        kernels = transposed_kernels(decoder) if wrapped.transposed_kernels(rows) else None
-        return wrapped(rows, prompt, image_kv, seed, prompt_mask, values, tables, transposed, kernels)
+        return loop(prompt, image_kv, seed, prompt_mask, values, prepare(plan, decoder, specials))
 
     return run
 
@@ -178,6 +167,7 @@ def generate(
     use_cache: bool = True,
     compile: bool = True,
     jit_compile: JitSetting = "auto",
+    tuning: Tuning | None = None,
     **kwargs: Any,
 ) -> np.ndarray | GenerationOutput:
     """Continue ``input_ids [B, P]`` (same length per row): ids ``[B * num_return_sequences, P + new]``.
@@ -192,15 +182,12 @@ def generate(
     0 on the padding) as in Hugging Face: padding is never attended to and positions count
     real tokens only. ``seed`` makes sampling reproducible (None: a fresh random seed). ``return_scores``
     gives a :class:`GenerationOutput` with the scores and lengths. ``use_cache=False``
-    recomputes the full prefix at every step (for checks and benchmarks).
-    ``precision="bfloat16"`` (opt-in) decodes with a bfloat16 copy of the decoder: 1.1-1.7x
-    faster at batch 32 on CPUs with bfloat16 matmuls (GPT-2 124M), slower at batch 1, and not
-    always the same tokens as float32 (see :mod:`~gpt2_effnet.decoding.precision`).
-    ``precision="bfloat16-head"`` (opt-in) keeps the blocks in float32 and reads a bfloat16
-    copy of the output head's table, with float32 logits: 1.15-1.25x faster at the seed's
-    configuration, not always the same tokens as float32 either.
-    ``backbone_precision="bfloat16"`` (opt-in, captioners) runs the image backbone in
-    bfloat16 (:meth:`ImageEncoder.call <gpt2_effnet.encoder.ImageEncoder.call>`).
+    recomputes the full prefix at every step (for checks and benchmarks). Opt-in, faster on
+    some CPUs and not always float32's tokens (:mod:`.precision`): ``precision="bfloat16"``
+    (a bfloat16 decoder), ``"bfloat16-head"`` (the head's table only), and for captioners
+    ``backbone_precision="bfloat16"``. How the call is compiled is a :class:`~.plan.DecodePlan`
+    (:func:`plan_for` shows it): ``jit_compile`` True makes it one XLA program, False keeps
+    XLA out, "auto" lets the machine's tuning decide; ``tuning`` overrides that (:mod:`.tuning`).
     """
     captioner = _is_captioner(model)
     decoder = model.decoder if captioner else model
@@ -219,7 +206,7 @@ def generate(
     if seed is None:
         seed = int(np.random.default_rng().integers(0, 2**31 - 1))
     prompt_mask = _as_prompt_mask(attention_mask, prompt.shape)
-    program = _program(model, config, use_cache, compile, jit_compile)
+    program = _program(model, config, _plan(model, config, prompt.shape[0], use_cache, compile, jit_compile, tuning))
     refresh(decoder, config.precision)
     rows = prompt.shape[0] * config.num_return_sequences
     if compile:

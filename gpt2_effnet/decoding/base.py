@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 from keras import ops
 
-from ..gpt2 import map_cache
+from ..layers import KVCache
 from .precision import check_backbone_precision, check_precision
 
 NEG_INF = float("-inf")
@@ -194,34 +194,48 @@ class GenerationOutput:
         return self.sequences[:, self.prompt_length :]
 
 
+@dataclass
+class DecodeState:
+    """What decoding keeps with a model: its compiled programs by (settings, plan), its
+    bfloat16 twins and the programs that refresh them (precision.py). One plain attribute,
+    not tracked by Keras: these hold programs and a twin, not the model's weights."""
+
+    programs: dict = field(default_factory=dict)
+    twins: dict = field(default_factory=dict)
+    refreshers: dict = field(default_factory=dict)
+
+
+def decode_state(model: Any) -> DecodeState:
+    state = model.__dict__.get("_gpt2_effnet_decoding")
+    if state is None:
+        state = model.__dict__["_gpt2_effnet_decoding"] = DecodeState()
+    return state
+
+
 class DecodeModel:
     """The step function + cache interface the samplers drive.
 
-    ``decoder`` is a :class:`~gpt2_effnet.gpt2.GPT2Decoder`; ``image_kv`` (given to each
-    call, never stored) is the captioner's per-image cross-attention K/V, computed once and
-    never repeated for the beams or return sequences (image-major rows share it).
-    With ``use_cache=False`` every step recomputes the whole prefix: slow, but an
-    independent path for tests and the benchmark's "no cache" baseline.
+    ``decoder`` is a :class:`~gpt2_effnet.gpt2.GPT2Decoder`, ``kernels`` the plan's
+    (:mod:`.kernels`); ``image_kv`` (given to each call, never stored) is the captioner's
+    per-image cross-attention K/V, computed once and never repeated for the beams or
+    return sequences (image-major rows share it). With ``use_cache=False`` every step
+    recomputes the whole prefix: slow, but an independent path for tests and the
+    benchmark's "no cache" baseline. ``xla_choice``: the token choice runs as its own XLA
+    program (a graph loop's, where it is faster: GPT-2 124M nucleus at 32 rows 34 -> 20 ms).
     """
 
-    def __init__(
-        self,
-        decoder: Any,
-        use_cache: bool = True,
-        compile_step: Callable[[Callable], Callable] | None = None,
-        specials: bool = True,
-    ) -> None:
-        self.decoder = decoder
-        self.use_cache = use_cache
-        # False: the logits stop at the plain vocabulary (GPT2Decoder.head), for settings
-        # that suppress every special token anyway. Token ids in the buffers may still be
-        # specials (the captioner's BOS): the processors ignore ids beyond the logits.
-        self.specials = specials
-        # A low-precision head (precision.head_tables), set inside each traced program, or None.
-        self.head_tables: tuple | None = None
-        self.head_transposed = False  # the head_tables are float32 [W, V] copies (precision.head_tables)
-        # The one-token cached call, as its own program where that is faster (XLA on a CPU).
-        self._cached_call = (compile_step or (lambda fn: fn))(self._cached_call_inline)
+    def __init__(self, decoder: Any, kernels: Any = None, use_cache: bool = True, xla_choice: bool = False) -> None:
+        if kernels is None:  # the plain ones
+            from .kernels import DecodeKernels
+            from .plan import DecodePlan
+
+            kernels = DecodeKernels(DecodePlan(rows=0), decoder, (None, None))
+        self.decoder, self.kernels, self.use_cache = decoder, kernels, use_cache
+        self.choose: Callable[[Callable], Callable] = lambda select: select
+        if xla_choice:
+            from .plan import xla_function
+
+            self.choose = xla_function
         self.key_ok: Any = None  # [rows, total] bool: False on left padding (set_prompt_mask)
         self.pads: Any = None  # [rows] int32: left padding per row, subtracted from positions
 
@@ -243,21 +257,21 @@ class DecodeModel:
             key_ok, pads = ops.repeat(key_ok, repeats, axis=0), ops.repeat(pads, repeats, axis=0)
         self.key_ok, self.pads = key_ok, pads
 
-    def _positions(self, start: Any, length: int, rows: int | None = None) -> Any | None:
+    def _positions(self, start: Any, length: int, pads: Any = None) -> Any | None:
         """Position ids ``[rows, length]`` from absolute index ``start``, minus each row's padding."""
-        if self.pads is None:
+        pads = self.pads if pads is None else pads
+        if pads is None:
             return None
-        pads = self.pads if rows is None else self.pads[:rows]
         index = ops.arange(length, dtype="int32")[None, :] + ops.cast(start, "int32")
         return ops.maximum(index - ops.cast(pads, "int32")[:, None], 0)
 
     @property
     def vocab_size(self) -> int:
         """Width of the logits: the vocabulary, plus the special tokens unless left out."""
-        return int(self.decoder.total_vocab_size if self.specials else self.decoder.gpt2_config.vocab_size)
+        return int(self.decoder.total_vocab_size if self.kernels.specials else self.decoder.gpt2_config.vocab_size)
 
     def prefill(self, prompt: Any, max_length: int, image_kv: Any | None, repeats: int) -> Any:
-        """Cache holding all prompt tokens but the last (which the first step feeds).
+        """Cache buffers holding all prompt tokens but the last (which the first step feeds).
 
         Runs on the B distinct prompts and then repeats rows ``repeats`` times (beams /
         return sequences), so the prompt is processed once per input, not once per beam.
@@ -265,20 +279,17 @@ class DecodeModel:
         if not self.use_cache:
             return ops.zeros((1,), "float32")  # placeholder loop variable
         batch, prompt_length = prompt.shape
-        cache = self.decoder.init_cache(batch, max_length)
+        cache = self.decoder.init_cache(batch, max_length, self.kernels)
         if prompt_length > 1:
             key_ok = positions = None
             if self.key_ok is not None:  # the distinct prompts: every repeats-th row
                 key_ok = self.key_ok[:: max(self.key_ok.shape[0] // batch, 1)]
-                pads_rows = self.pads[:: max(self.pads.shape[0] // batch, 1)]
-                index = ops.arange(prompt_length - 1, dtype="int32")[None, :]
-                positions = ops.maximum(index - ops.cast(pads_rows, "int32")[:, None], 0)
-            _, cache = self.decoder.call_with_cache(
-                prompt[:, :-1], cache, 0, image_kv=image_kv, padding_mask=key_ok, position_ids=positions
-            )
+                positions = self._positions(0, prompt_length - 1, self.pads[:: max(self.pads.shape[0] // batch, 1)])
+            _, cache = self.decoder.call_with_cache(prompt[:, :-1], cache, image_kv, key_ok, positions, self.kernels)
+        buffers = cache.buffers
         if repeats > 1:
-            cache = map_cache(lambda buffer: ops.repeat(buffer, repeats, axis=0), cache)
-        return cache
+            buffers = tuple(tuple(ops.repeat(buffer, repeats, axis=0) for buffer in pair) for pair in buffers)
+        return buffers
 
     def step(
         self,
@@ -292,52 +303,28 @@ class DecodeModel:
     ) -> tuple[Any, Any]:
         """Logits ``[N, V]`` for position ``length`` given ``tokens[:, :length]`` (``[N, L]`` buffer).
 
-        ``parents [N]`` (beam search): row ``i`` continues the cache row ``parents[i]``. The
-        rows are gathered inside the step, by the same select that writes the new token's
-        keys and values (SelfAttention's ``cache_rows``): gathered apart, eight buffers a
-        step cost ~0.7 ms of a ~9 ms beam step at the seed's configuration.
+        ``parents [N]`` (beam search): row ``i`` continues the cache row ``parents[i]``,
+        gathered by the cache write itself (gathered apart, eight buffers a step cost
+        ~0.7 ms of a ~9 ms beam step at the seed's configuration).
 
         ``select`` (the sampler's token choice): ``select(logits, *select_args)`` is returned
         instead of the logits, computed in the same compiled program as the model, so a
         one-row step does not hand 50k logits to a dozen graph ops (seed configuration,
         nucleus: 6.1 -> 5.4 ms for step and choice, called alone).
         """
+        rows = tokens.shape[0]
         if not self.use_cache:
-            prefix = ops.slice(tokens, [0, 0], [tokens.shape[0], length])
-            key_ok = None if self.key_ok is None else ops.slice(self.key_ok, [0, 0], [tokens.shape[0], length])
-            # The methods, not the layer's __call__: Keras would cast bfloat16 head tables
-            # (a keyword tensor) to the layer's float32 compute dtype on the way in.
-            hidden = self.decoder.hidden_states(prefix, image_kv=image_kv, padding_mask=key_ok,
-                                                position_ids=self._positions(0, length), training=False)
-            logits = self.decoder.head(hidden, tables=self.head_tables, specials=self.specials,
-                                       transposed=self.head_transposed)
-            logits = logits[:, -1]
-            return (logits if select is None else select(logits, *select_args)), cache
-        last = ops.slice(tokens, [0, length - 1], [tokens.shape[0], 1])
-        positions = self._positions(length - 1, 1)
-        return self._cached_call(last, cache, length - 1, image_kv, self.key_ok, positions, parents,
-                                 select=select, select_args=select_args)
-
-    def _cached_call_inline(
-        self,
-        last: Any,
-        cache: Any,
-        index: Any,
-        image_kv: Any,
-        key_ok: Any,
-        positions: Any,
-        parents: Any = None,
-        select: Callable[..., Any] | None = None,
-        select_args: tuple = (),
-    ) -> tuple[Any, Any]:
-        logits, cache = self.decoder.call_with_cache(
-            last, cache, index, image_kv=image_kv, padding_mask=key_ok, position_ids=positions,
-            head_tables=self.head_tables, cache_rows=parents, specials=self.specials,
-            cache_in_place=True,  # the loop hands each step's cache to the next step only
-            head_transposed=self.head_transposed,
-        )
-        logits = logits[:, 0]
-        return (logits if select is None else select(logits, *select_args)), cache
+            prefix = ops.slice(tokens, [0, 0], [rows, length])
+            key_ok = None if self.key_ok is None else ops.slice(self.key_ok, [0, 0], [rows, length])
+            hidden = self.decoder.hidden_states(prefix, image_kv, key_ok, self._positions(0, length), training=False)
+            logits = self.decoder.head(hidden, kernels=self.kernels)[:, -1]
+        else:
+            last = ops.slice(tokens, [0, length - 1], [rows, 1])
+            step_cache = KVCache(cache, length - 1, parents, owned=True)  # the loop hands it to this step only
+            logits, step_cache = self.decoder.call_with_cache(last, step_cache, image_kv, self.key_ok,
+                                                              self._positions(length - 1, 1), self.kernels)
+            logits, cache = logits[:, 0], step_cache.buffers
+        return (logits if select is None else self.choose(select)(logits, *select_args)), cache
 
 
 def run_loop(cond: Any, body: Any, state: tuple, max_steps: int, unroll: bool) -> tuple:

@@ -1,28 +1,19 @@
 """Decoding with bfloat16 weights, opt-in: ``generate(..., precision="bfloat16")`` (the whole
 decoder) or ``precision="bfloat16-head"`` (the output head's table only).
 
-Why: decoding many rows at once is matmul-bound, and CPUs with AVX-512 BF16 (and AMX)
-run oneDNN's bfloat16 matmuls at about twice the float32 rate: GPT-2 124M beam 3 at batch
-32 (96 rows), 1.38 vs 1.94 s per call (AMD EPYC, 2 cores; BENCHMARKS.md). Up to 64 rows
-there (96 on Intel) float32 decodes in an XLA loop, which was faster (greedy at batch 32
-0.76 vs 0.87 s), and at one row the step is bound by reading weights, so bfloat16 is
-never chosen for the user.
+Why: many rows at once are matmul-bound, and CPUs with AVX-512 BF16 or AMX run oneDNN's
+bfloat16 matmuls at about twice the float32 rate (GPT-2 124M beam 3 at batch 32: 1.4x);
+at one row, or where float32 runs an XLA loop, float32 is as fast or faster, so bfloat16
+is never chosen for the user (BENCHMARKS.md).
 
 The decoder's bfloat16 twin is built once per model and refreshed from the float32
-weights at every call (a cast of every weight: the model may have trained since), so
-the float32 model stays the one source of truth. Attention scores and softmax, layer
-norms and the logits stay float32 (see layers.attend, GPT2Decoder.head); the residual
-stream, cache and matmuls are bfloat16. What that costs in agreement with float32 is
-tested (tests/test_precision.py): a bound on the logit change, and the same top token
-wherever float32's top two are further apart than that bound.
-
-``"bfloat16-head"`` keeps every block in float32 and multiplies a bfloat16 copy of the
-tied token table (cast inside each decode call) with the final hidden state
-rounded to bfloat16, summing in float32 (fast_ops.logits_from_table). The head is the
-largest matmul of a decode step at GPT-2's vocabulary (51 MB of float32 at width 256),
-so this halves what most of a step reads: at the seed's configuration (AMD EPYC, AVX-512
-BF16) beam search 1.2x and nucleus sampling 1.15-1.25x faster than float32. The change
-in the logits is bounded in tests/test_precision.py like the twin's, and smaller.
+weights at every call (the model may have trained since), so the float32 model stays the
+one source of truth. Attention scores and softmax, layer norms and the logits stay
+float32 (layers.attend, GPT2Decoder.head). ``"bfloat16-head"`` keeps the blocks in
+float32 and multiplies a bfloat16 copy of the tied token table, made in each call, with
+the final hidden state rounded to bfloat16, summing in float32 (kernels.logits_from_table):
+the head is the largest matmul of a step at GPT-2's vocabulary. How far each moves the
+logits and how often the top token changes is tested (tests/test_precision.py).
 
 ``backbone_precision="bfloat16"`` (a separate, opt-in setting) runs a captioner's image
 backbone in bfloat16 through a twin that shares its float32 variables
@@ -38,8 +29,6 @@ PRECISIONS = ("float32", "bfloat16", "bfloat16-head")
 # generate(backbone_precision=...): a captioner's image backbone (encoder.ImageEncoder.call).
 BACKBONE_PRECISIONS = ("float32", "bfloat16")
 HEAD_ONLY = "bfloat16-head"
-_TWINS_ATTR = "_gpt2_effnet_precision_twins"
-_COPIERS_ATTR = "_gpt2_effnet_precision_copiers"
 
 
 def check_precision(precision: str) -> str:
@@ -56,10 +45,12 @@ def check_backbone_precision(precision: str) -> str:
 
 def decoder_in(decoder: Any, precision: str) -> Any:
     """``decoder`` itself for float32 (and a bfloat16 head only), else its twin in
-    ``precision`` (built and filled on first use)."""
+    ``precision`` (built and filled on first use, kept with the model's decode state)."""
     if check_precision(precision) in ("float32", HEAD_ONLY):
         return decoder
-    twins = decoder.__dict__.setdefault(_TWINS_ATTR, {})  # plain dict: not a tracked sub-model
+    from .base import decode_state
+
+    twins = decode_state(decoder).twins
     if precision not in twins:
         config = decoder.get_config()
         config["dtype"] = precision
@@ -68,38 +59,20 @@ def decoder_in(decoder: Any, precision: str) -> Any:
     return twins[precision]
 
 
-def head_tables(decoder: Any, precision: str, transposed: bool = False) -> tuple | None:
-    """For ``"bfloat16-head"``: ``decoder.head_tables()`` cast to bfloat16; with ``transposed``
-    (float32 only): the tables as ``[W, V]`` (see ``backend.transposed_head_faster``); else None.
-
-    Called inside the decode program, so the copy (the bfloat16 cast: 2.7 ms for 50258 x 256;
-    the transpose: ~4 ms, 11 ms for GPT-2 124M's table) always reads the model's current
-    weights, once per call, and no copy outlives the call."""
-    precision = check_precision(precision)
-    from keras import ops
-
-    if transposed:
-        if precision != "float32":
-            raise ValueError(f"transposed head tables are float32 ones, not {precision}")
-        return tuple(None if table is None else ops.transpose(table) for table in decoder.head_tables())
-    if precision != HEAD_ONLY:
-        return None
-    return tuple(None if table is None else ops.cast(table, "bfloat16") for table in decoder.head_tables())
-
-
 def refresh(decoder: Any, precision: str) -> None:
-    """Cast the model's current float32 weights into its low-precision copy: the model may
+    """Cast the model's current float32 weights into its low-precision twin: the model may
     have changed since. One graph on TensorFlow (GPT-2 124M: 64 vs 115 ms cast one by one,
     Intel Xeon, 2 cores), built once per twin."""
     if check_precision(precision) != "bfloat16":
         return
-    from .backend import graph_function
+    from .base import decode_state
+    from .plan import graph_function
 
     twin = decoder_in(decoder, precision)
-    copiers = decoder.__dict__.setdefault(_COPIERS_ATTR, {})
-    if precision not in copiers:
-        copiers[precision] = graph_function(lambda: _copy_weights(decoder, twin))
-    copiers[precision]()
+    refreshers = decode_state(decoder).refreshers
+    if precision not in refreshers:
+        refreshers[precision] = graph_function(lambda: _copy_weights(decoder, twin))
+    refreshers[precision]()
 
 
 def _copy_weights(source: Any, twin: Any) -> None:

@@ -105,6 +105,13 @@ class Engine:
         self.max_pixels = config.train.max_image_pixels
         self.max_new_tokens = config.model.max_caption_length
 
+    def plan(self, settings: Settings | None = None) -> Any:
+        """The decode plan a batch with these settings runs (default: a plain request's)."""
+        from ..decoding import plan_for
+
+        return plan_for(self.model, self.max_batch, eos_token_id=self.tokenizer.eos_token_id, precision=self.precision,
+                        backbone_precision=self.backbone_precision, **(settings or Settings()).generation())
+
     def caption(self, pixels: np.ndarray, settings: Settings) -> list[dict[str, Any]]:
         from ..attention import attention_for_captions
         from ..decoding import cut_at_eos, generate_captions
@@ -230,7 +237,8 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
     async def health(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "batches": batcher.batches, "images": batcher.images,
                                   "waiting": batcher.queue.qsize(), "image_size": engine.image_size,
-                                  "precision": engine.precision, "backbone_precision": engine.backbone_precision})
+                                  "precision": engine.precision, "backbone_precision": engine.backbone_precision,
+                                  "decode_plan": engine.plan().as_dict()})
 
     async def caption(request: web.Request) -> web.Response:
         fields = dict(request.query)

@@ -10,22 +10,9 @@ Everywhere else bfloat16 is emulated and slower, so ``auto`` stays float32.
 
 from __future__ import annotations
 
-from pathlib import Path
+from ..machine import cpu_flags
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    """The feature flags of the first CPU in /proc/cpuinfo (empty where there is none)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def cpu_has_bfloat16(cpuinfo: str | None = None) -> bool:
