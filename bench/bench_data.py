@@ -1,9 +1,9 @@
 """Data pipeline throughput, all figures from one run on one machine.
 
 1. CSV pipeline images/s divided by a bare decode+resize over the same files (goal >= 0.9).
-   The bare loop is the same `decode_and_resize` in a minimal parallel tf.data map (no shuffle,
-   tokens, batching or skip counting): the machine's decode ceiling. A single-thread eager
-   loop is printed for scale.
+   The bare loop is the same decode (``data.images.decode_images``: Pillow's decode_rgb) in a
+   minimal parallel tf.data map (no shuffle, tokens or masks): the machine's decode ceiling.
+   A single-thread loop is printed for scale. (Shard loaders against open_clip's: bench_loaders.py.)
 2. DALI (CPU decode) vs the pure tf.data shard reader, images/s over the same shards.
 3. Caption tokenisation cost per sample, next to the decode cost per image.
 
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from gpt2_effnet.data.captions import read_csv
-    from gpt2_effnet.data.images import decode_and_resize
-    from gpt2_effnet.data.pipeline import PipelineSpec, caption_dataset, text_tokenizer_fn
+    from gpt2_effnet.data.images import decode_images
+    from gpt2_effnet.data.pipeline import PipelineSpec, SkipCounter, caption_dataset, text_tokenizer_fn
+    from gpt2_effnet.image_input import decode_rgb
     from gpt2_effnet.data.shards import write_shards
     from gpt2_effnet.data.synthetic import write_synthetic
     from gpt2_effnet.data.wds import wds_dataset
@@ -111,19 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     per_batch = lambda b: int(b["images"].shape[0])  # noqa: E731
 
     # ---- 1. CSV pipeline vs bare decode+resize
+    counter = SkipCounter()
     bare = (tf.data.Dataset.from_tensor_slices(paths).repeat()
-            .map(lambda p: decode_and_resize(tf.io.read_file(p), size), num_parallel_calls=tf.data.AUTOTUNE,
+            .map(lambda p: decode_images(p, p, size, None, counter, from_path=True)[0], num_parallel_calls=os.cpu_count(),
                  deterministic=False)
             .batch(batch).map(lambda images: {"images": images}).prefetch(tf.data.AUTOTUNE))
     pipeline = caption_dataset(captions, tok, PipelineSpec(size, 32, batch, shuffle=True, seed=0, repeat=True))
-    load = tf.function(lambda p: decode_and_resize(tf.io.read_file(p), size))
-    sequential = _best_rate(lambda: (load(p) for p in paths[: max(200, len(paths) // 5)]), lambda _: 1, repeats)
+    sequential = _best_rate(lambda: (decode_rgb(p, size) for p in paths[: max(200, len(paths) // 5)]), lambda _: 1, repeats)
     bare_m, pipe_m = Meter("bare", bare, per_batch), Meter("csv", pipeline, per_batch)
     _measure([bare_m, pipe_m], len(paths), repeats)
     bare_rate, pipe_rate = bare_m.rate, pipe_m.rate
     print(f"\n[1] CSV pipeline vs bare decode+resize (same files, batches of {batch}; best of {repeats} rounds)")
     print(f"  {'':41s} {'images/s':>9s} {'CPU ms/image':>13s}")
-    print(f"  {'single-thread eager decode+resize loop':41s} {sequential:9.1f}")
+    print(f"  {'single-thread decode+resize loop':41s} {sequential:9.1f}")
     print(f"  {'bare: parallel read+decode+resize, batch':41s} {bare_rate:9.1f} {bare_m.cpu_ms:13.3f}")
     print(f"  {'CSV pipeline: + shuffle, tokens, skips':41s} {pipe_rate:9.1f} {pipe_m.cpu_ms:13.3f}")
     print(f"  ratio pipeline / bare: {pipe_rate / bare_rate:.3f} in images/s (goal >= 0.9), "
