@@ -383,3 +383,18 @@ def test_dali_fills_the_last_batch_and_counts_like_tfdata(dali, tmp_path, synth,
     assert (results["tfdata"]["mask"].sum(axis=1) > 0).tolist() == usable
     assert (results["dali"]["mask"].sum(axis=1) > 0).tolist() == usable + [False]  # DALI's whole last batch
     np.testing.assert_array_equal(results["tfdata"]["token_ids"][[0, 4]], results["dali"]["token_ids"][[0, 4]])
+
+
+def test_jpeg_size_reads_frame_headers_like_pillow(tmp_path) -> None:
+    from gpt2_effnet.image_input import jpeg_size
+
+    rng = np.random.default_rng(1)
+    for width, height, options in [(37, 21, {}), (640, 480, {"progressive": True}), (8, 300, {"quality": 20}),
+                                   (100, 80, {"exif": b"Exif\x00\x00" + bytes(300)})]:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG", **options)
+        data = buffer.getvalue()
+        assert jpeg_size(data) == Image.open(io.BytesIO(data)).size == (width, height)
+    png = io.BytesIO()
+    Image.new("RGB", (5, 5)).save(png, "PNG")
+    assert jpeg_size(png.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None and jpeg_size(b"") is None

@@ -60,10 +60,16 @@ def dali_input(image: bytes | None, name: str, image_size: int, max_pixels: int 
     """(bytes DALI can decode, or None; the problem) for one sample, from its header only."""
     from PIL import Image
 
-    from ..image_input import decode_rgb
+    from ..image_input import decode_rgb, jpeg_size
 
     if image is None:
         return None, "no image"
+    size_from_header = jpeg_size(image)
+    if size_from_header is not None:  # the common case, checked without Pillow
+        width, height = size_from_header
+        if max_pixels is not None and width * height > max_pixels:
+            return None, "over the pixel limit"
+        return image, None
     try:
         with Image.open(io.BytesIO(image)) as probe:
             width, height = probe.size

@@ -238,10 +238,10 @@ def read_samples(
             current = advance()
             if current is None:
                 return
+            shown = [reader.shown for reader in current.readers]
             try:
                 for j, (key, image, text, problem) in current.samples():
-                    url = shards.urls[current.group.pieces[j].shard]
-                    yield RawSample(position, f"{locations.redact(url)}:{key}", image, text, problem)
+                    yield RawSample(position, f"{shown[j]}:{key}", image, text, problem)
                     position += 1
             finally:
                 current.close()
