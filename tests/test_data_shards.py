@@ -398,3 +398,35 @@ def test_jpeg_size_reads_frame_headers_like_pillow(tmp_path) -> None:
     png = io.BytesIO()
     Image.new("RGB", (5, 5)).save(png, "PNG")
     assert jpeg_size(png.getvalue()) is None and jpeg_size(b"\xff\xd8\xff") is None and jpeg_size(b"") is None
+
+
+def test_dali_reads_remote_shards_like_local_ones(dali, shards, tok) -> None:
+    result, pattern = shards
+    spec = PipelineSpec(SIZE, MAX_LEN, 4, shuffle=True, seed=2, shuffle_buffer=6, drop_remainder=True, start_batch=1)
+    local = collect(dali.dali_dataset(pattern, tok, spec, device="cpu"))
+    with http_server(result.tars[0].parent) as base:
+        remote = collect(dali.dali_dataset(f"{base}/syn-{{000000..000003}}.tar", tok, spec, device="cpu"))
+    for key in local:
+        np.testing.assert_array_equal(remote[key], local[key])
+
+
+def test_credentials_in_shard_urls_stay_out_of_run_files_and_messages(shards, tmp_path, capsys, tiny_config) -> None:
+    from gpt2_effnet.training.sources import make_tokenizer, shard_source
+
+    result, _ = shards
+    config = tiny_config(real_vocabulary=True)
+    with http_server(result.tars[0].parent) as base:
+        secret = base.replace("http://", "http://reader:hunter2@")
+        listing = tmp_path / "list.txt"
+        listing.write_text(f"{secret}/syn-{{000000..000003}}.tar\n{secret}/gone.tar?sig=s3cr3t\n")
+        source = shard_source(config.replace(train={"max_skip_rate": 0.5}), make_tokenizer(config), str(listing))
+        collect(source.make_dataset(_request()))
+    printed = capsys.readouterr()
+    shown = json.dumps(source.description) + printed.out + printed.err
+    assert "gone.tar" in shown and "hunter2" not in shown and "s3cr3t" not in shown
+
+
+def _request():
+    from gpt2_effnet.training.data_source import DataRequest
+
+    return DataRequest(epoch=0, batch_size=4, num_shards=1, shard_index=0, seed=0, shuffle=False)
