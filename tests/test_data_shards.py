@@ -430,3 +430,18 @@ def _request():
     from gpt2_effnet.training.data_source import DataRequest
 
     return DataRequest(epoch=0, batch_size=4, num_shards=1, shard_index=0, seed=0, shuffle=False)
+
+
+@pytest.mark.gpu
+def test_dali_decodes_on_the_gpu_the_samples_tfdata_reads(dali, shards, tok) -> None:
+    """Where a GPU is present: DALI's mixed (GPU) decode yields the tf.data loader's samples."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("no GPU visible to TensorFlow")
+    _, pattern = shards
+    spec = PipelineSpec(20, MAX_LEN, 4, shuffle=True, seed=3, shuffle_buffer=4, drop_remainder=True)
+    a = collect(wds_dataset(pattern, tok, spec))
+    b = collect(dali.dali_dataset(pattern, tok, spec, device="gpu", device_id=0))
+    np.testing.assert_array_equal(a["token_ids"], b["token_ids"])
+    assert np.abs(a["images"].astype(int) - b["images"]).mean() < 2.0  # GPU decoder and resampler: close
