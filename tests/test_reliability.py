@@ -401,3 +401,95 @@ def test_a_broken_safetensors_file_is_a_weight_error_naming_it(tmp_path) -> None
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
     with pytest.raises(WeightLoadError, match="model.safetensors"):
         load_gpt2(tmp_path)
+
+
+# --------------------------------------------------------- round 2 (issue 33, main at 7b0ac0c)
+
+
+def _python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A fresh interpreter importing this very gpt2_effnet (not whichever one is installed)."""
+    import gpt2_effnet
+
+    env = dict(os.environ, PYTHONPATH=str(Path(gpt2_effnet.__file__).parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow  # trains
+def test_resume_falls_back_past_deleted_or_corrupt_checkpoints_and_never_starts_over(tmp_path, tiny_config) -> None:
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 3, "checkpoint_every": 1, "log_every": 1})
+    run = tmp_path / "run"
+    _trainer(config, run, paths.train_csv).fit()
+    for path in (run / "checkpoints").glob("ckpt-3.*"):  # the obvious way back to the one before
+        path.unlink()
+    said: list[str] = []
+    result = _trainer(config.replace(train={"steps": 4}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 2 and result.step == 4
+    assert any("ckpt-3 has no files" in line for line in said), said
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3, 4]  # one history: 1, 2, the resume event, then 3 and 4 again
+    # A zeroed data file in the newest checkpoint: the one before restores instead.
+    data = next((run / "checkpoints").glob("ckpt-4.data-*"))
+    data.write_bytes(bytes(data.stat().st_size))
+    said.clear()
+    result = _trainer(config.replace(train={"steps": 5}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 3 and result.step == 5
+    assert any("ckpt-4 does not restore" in line for line in said), said
+    # None restores: one error, and nothing in the folder is trained over.
+    for index in (run / "checkpoints").glob("*.index"):
+        index.write_bytes(index.read_bytes()[:10])
+    weights = (run / "captioner.weights.h5").read_bytes()
+    with pytest.raises(ValueError, match="none restores"):  # CheckpointUnusable
+        _trainer(config.replace(train={"steps": 6}), run, paths.train_csv)
+    # Every checkpoint deleted: the weights are still a trained run's, not a folder to start over in.
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match="no checkpoint files to resume from"):
+        _trainer(config.replace(train={"steps": 6}), run, paths.train_csv)
+    assert (run / "captioner.weights.h5").read_bytes() == weights
+
+
+def test_run_lock_cannot_be_held_twice_by_processes_started_together(tmp_path) -> None:
+    script = tmp_path / "race.py"
+    script.write_text(
+        "import multiprocessing as mp, os, sys\n"
+        "from gpt2_effnet.training.run_lock import RunLock, RunLocked\n"
+        "def contend(folder, barrier, held):\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        lock = RunLock(folder).acquire()\n"
+        "    except RunLocked:\n"
+        "        lock = None\n"
+        "    if lock is not None:\n"
+        "        with held.get_lock():\n"
+        "            held.value += 1\n"
+        "    barrier.wait()  # both have tried before either lets go\n"
+        "    if lock is not None:\n"
+        "        lock.release()\n"
+        "ctx, both = mp.get_context('fork'), 0\n"
+        "for trial in range(60):\n"
+        "    barrier, held = ctx.Barrier(2), ctx.Value('i', 0)\n"
+        "    procs = [ctx.Process(target=contend, args=(os.path.join(sys.argv[1], str(trial)), barrier, held)) for _ in range(2)]\n"
+        "    [p.start() for p in procs]\n"
+        "    [p.join() for p in procs]\n"
+        "    both += held.value == 2\n"
+        "print(both)\n"
+    )
+    # A fresh interpreter without TensorFlow's threads, so forking is safe.
+    out = _python(str(script), str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0", out.stdout  # 7b0ac0c: both held it in 74 of 100 trials
+
+
+def test_run_lock_reads_any_lock_file_and_names_its_holder(tmp_path) -> None:
+    from gpt2_effnet.training.run_lock import LOCK_FILE, RunLock, RunLocked
+
+    for junk in (b"[1]", b"", b"\x00\xff", b'{"pid": "x"}'):  # no live holder named: taken over
+        (tmp_path / LOCK_FILE).write_bytes(junk)
+        with RunLock(tmp_path) as lock:
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid() and lock.held
+        assert not (tmp_path / LOCK_FILE).exists()
+    with RunLock(tmp_path):
+        code = ("from gpt2_effnet.training.run_lock import RunLock, RunLocked\n"
+                "try:\n    RunLock(r'%s').acquire()\nexcept RunLocked as err:\n    print(err)\n" % tmp_path)
+        out = _python("-c", code)
+    assert f"in use by process {os.getpid()}" in out.stdout, (out.stdout, out.stderr)

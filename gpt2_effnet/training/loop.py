@@ -9,6 +9,7 @@ see (:mod:`.reporting`) and Ctrl-C. Read :meth:`Trainer.fit` for the whole story
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -27,6 +28,7 @@ from .checkpoints import (
     CHECKPOINT_DIR,
     Checkpointer,
     RunState,
+    checkpoint_steps,
     clean_leftovers,
     prepare_run_dir,
     write_run_files,
@@ -110,8 +112,8 @@ class Trainer:
         self.run_info = {"train": dict(data.description)}
         if validation is not None:
             self.run_info["validation"] = dict(validation.description)
-        # Checked now, written only once the first step has run (_start_run_files): a run
-        # that fails before it leaves no config behind to refuse the corrected rerun.
+        # Checked now, written only with the first checkpoint (_start_run_files): a run that
+        # stops before it leaves no config behind to refuse the corrected rerun.
         self.config, notes = prepare_run_dir(self.run_dir, config, self.run_info, override=override, write=False)
         self._run_files_written = False
         for note in notes:
@@ -142,10 +144,10 @@ class Trainer:
         # The config may say "auto"; this is what this machine computes in.
         self.precision = resolve_precision(cfg.precision)
         self.state = RunState()
-        latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
+        fresh = not checkpoint_steps(self.run_dir / CHECKPOINT_DIR)
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
-            self.model = self._build_model(gpt2 if latest is None else None, pretrained_backbone=latest is None)
+            self.model = self._build_model(gpt2 if fresh else None, pretrained_backbone=fresh)
             self.optimizer = build_optimizer(self.config.optim, self.total_steps, self.precision)
             self.optimizer.build(self.model.trainable_variables)
         self.checkpointer = Checkpointer(
@@ -159,8 +161,10 @@ class Trainer:
         )
         self.resumed_from: int | None = None
         restored = self.checkpointer.restore_latest()
+        for note in self.checkpointer.notes:
+            self.say(note)
         if restored is not None and self.checkpointer.refresh_weights():
-            self.say(f"re-exported {WEIGHTS_FILE} from {restored} (the last save was cut short)")
+            self.say(f"re-exported {WEIGHTS_FILE} from {restored}, the checkpoint resumed from")
         if restored is not None:
             self.resumed_from = int(self.state.step.numpy())
             self.say(
@@ -187,7 +191,11 @@ class Trainer:
             self.lock.release()
 
     def _start_run_files(self) -> None:
-        """config.yaml, run.json and the vocabulary, once the run has really started."""
+        """config.yaml, run.json and the vocabulary, with the run's first checkpoint.
+
+        Before it the folder holds nothing to resume, so a rerun with corrected data or
+        config starts afresh; a vocabulary left by such a stopped start is replaced.
+        """
         if self._run_files_written:
             return
         self._run_files_written = True
@@ -195,6 +203,8 @@ class Trainer:
             return
         write_run_files(self.run_dir, self.config, self.run_info)
         tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
+        if self.data.tokenizer is not None and self.resumed_from is None and tokenizer_dir.is_dir():
+            shutil.rmtree(tokenizer_dir)
         if self.data.tokenizer is not None and not tokenizer_dir.exists():
             self.data.tokenizer.save(tokenizer_dir)
 
@@ -240,6 +250,8 @@ class Trainer:
         if self.resumed_from is not None:
             self.reporter.forget_metrics_after(self.step)
             self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
+        else:  # lines of an earlier start that stopped before its first checkpoint: not this run's
+            self.reporter.forget_metrics_after(0)
         try:
             while not self._finished() and self._stop is None:
                 if self._train_epoch(window, history):
@@ -253,7 +265,6 @@ class Trainer:
                 history.append(self.validate())
             if self._last_saved != self.step or self._stop is not None:
                 self._check_finite(window)
-                self._start_run_files()
                 self.save()
             if self._stop is not None:
                 self.say(f"{self._stop}: saved {self._last_path} at step {self.step}; rerun the same command to resume")
@@ -275,7 +286,6 @@ class Trainer:
             if not bool(optional.has_value()):
                 break
             window.add(self.train_step(optional.get_value()))
-            self._start_run_files()
             self.step += 1
             self.batch_in_epoch += 1
             self.reporter.step_done()
@@ -346,6 +356,7 @@ class Trainer:
         self.state.epoch.assign(self.epoch)
         self.state.batch_in_epoch.assign(self.batch_in_epoch)
         self.state.best_val_loss.assign(self._best_val)
+        self._start_run_files()
         self._last_path, self._last_saved = self.checkpointer.save(self.step), self.step
         return self._last_path
 
