@@ -13,6 +13,7 @@ import functools
 import importlib.resources
 import json
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -164,11 +165,15 @@ class GPT2Tokenizer:
             raise FileExistsError(f"{folder} exists already; not overwriting a vocabulary")
         partial = folder.with_name(f".{folder.name}.partial")
         partial.mkdir(parents=True, exist_ok=True)
-        (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(self._ranks, key=self._ranks.__getitem__)
-        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-        (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        partial.rename(folder)
+        try:
+            (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
+            merges = sorted(self._ranks, key=self._ranks.__getitem__)
+            lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+            (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            partial.rename(folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a full disk leaves no half-written vocabulary
+            raise
         return folder
 
     # ------------------------------------------------------------------ properties

@@ -493,3 +493,136 @@ def test_run_lock_reads_any_lock_file_and_names_its_holder(tmp_path) -> None:
                 "try:\n    RunLock(r'%s').acquire()\nexcept RunLocked as err:\n    print(err)\n" % tmp_path)
         out = _python("-c", code)
     assert f"in use by process {os.getpid()}" in out.stdout, (out.stdout, out.stderr)
+
+
+def _cli(args: list[str], limit_bytes: int | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``gpt2-effnet ARGS`` in a fresh interpreter; ``limit_bytes``: no file it writes may grow past
+    that (RLIMIT_FSIZE: a write past it fails as on a full disk, with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    import gpt2_effnet
+
+    env = dict(os.environ, PYTHONPATH=str(Path(gpt2_effnet.__file__).parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "gpt2_effnet.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env, preexec_fn=limit, cwd=cwd)
+
+
+def _one_error_line(out: subprocess.CompletedProcess, command: str) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-3000:])
+    lines = [line for line in out.stderr.splitlines() if line.startswith(f"gpt2-effnet {command}:")]
+    assert len(lines) == 1, out.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow  # trains, then subprocesses
+def test_a_disk_that_refuses_writes_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_config_data) -> None:
+    import yaml
+
+    paths = _synthetic(tmp_path / "data")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config_data(
+        real_vocabulary=True, train={"batch_size": 4, "checkpoint_every": 2, "log_every": 1})))
+    run = tmp_path / "run"
+    train = ["train", "--config", str(tmp_path / "c.yaml"), "--csv", str(paths.train_csv), "--no-progress"]
+    assert _cli([*train, "--out", str(run), "--steps", "2"]).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # The lock fits, the metrics' rewrite at resume does not (7b0ac0c: a traceback, and
+    # .lock and .metrics.jsonl.partial left behind).
+    line = _one_error_line(_cli([*train, "--out", str(run), "--steps", "4"], limit_bytes=200), "train")
+    assert "metrics.jsonl" in line, line
+    assert {p.name for p in run.iterdir() if p.is_file()} == set(before)  # no .lock, no .partial
+    assert all((run / name).read_bytes() == data for name, data in before.items())
+    # A fresh run whose first save cannot be written: no half-written vocabulary or config.
+    fresh = tmp_path / "fresh"
+    _one_error_line(_cli([*train, "--out", str(fresh), "--steps", "2"], limit_bytes=2000), "train")
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")] and not (fresh / "config.yaml").exists()
+    # caption --out at its final write, synthetic and shards into a place they cannot write.
+    out = tmp_path / "captions.jsonl"
+    images = str(paths.image_dir)
+    line = _one_error_line(_cli(["caption", "--checkpoint", str(run), images, "--out", str(out)], limit_bytes=100),
+                           "caption")
+    assert str(out) in line and not out.exists() and not list(tmp_path.glob(".captions*"))
+    (tmp_path / "a_file").write_text("x")
+    for args, command in ((["synthetic", "--out", str(tmp_path / "a_file"), "--n", "2"], "synthetic"),
+                          (["shards", "--csv", str(paths.train_csv), "--out", str(tmp_path / "a_file")], "shards"),
+                          (["download", "124M", "--dir", str(tmp_path / "a_file"), "--base-url", "http://127.0.0.1:9"],
+                           "download")):
+        assert "a_file" in _one_error_line(_cli(args), command)
+
+
+@pytest.mark.slow  # trains
+def test_an_override_of_the_model_shape_is_one_line(tmp_path, tiny_config) -> None:
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2, "checkpoint_every": 2})
+    run = tmp_path / "run"
+    _trainer(config, run, paths.train_csv).fit()
+    deeper = config.replace(train={"steps": 4})
+    deeper = type(deeper).from_dict({**deeper.to_dict(), "gpt2": {**deeper.to_dict()["gpt2"], "n_layer": 3}})
+    with pytest.raises(ValueError, match=r"none restores.*--override cannot change"):  # 7b0ac0c: AssertionError
+        _trainer(deeper, run, paths.train_csv, override=True)
+    assert tmp_path.joinpath("run", "checkpoints", "ckpt-2.index").is_file()
+
+
+def test_caption_and_export_check_what_they_can_before_the_work(tmp_path, run_folder, photos, capsys) -> None:
+    # run_folder: 16 positions, so at most 15 new tokens (7b0ac0c: a traceback after loading the model).
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--max-new-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "--max-new-tokens 100" in err and "at most 15" in err
+    broken = tmp_path / "run"
+    shutil.copytree(run_folder, broken)
+    (broken / "tokenizer").mkdir()
+    (broken / "tokenizer" / "vocab.json").write_text("{oops")
+    (broken / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    assert main(["export", str(broken), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "vocab.json" in err and not list(tmp_path.glob(".sm*")) and not (tmp_path / "sm").exists()
+
+
+def test_an_export_the_disk_cannot_hold_leaves_nothing(tmp_path, run_folder, capsys, monkeypatch) -> None:
+    import keras
+    import tensorflow as tf
+
+    class FullDisk:  # TensorFlow's writer, stopped half-way through the variables
+        def track(self, model) -> None:
+            pass
+
+        def add_endpoint(self, *args, **kwargs) -> None:
+            pass
+
+        def write_out(self, path, **kwargs) -> None:
+            Path(path, "variables").mkdir(parents=True)
+            raise tf.errors.ResourceExhaustedError(None, None, f"{{{{function_node x}}}} {path}/variables/v; No space left on device")
+
+    monkeypatch.setattr(keras.export, "ExportArchive", FullDisk)
+    assert main(["export", str(run_folder), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "No space left on device" in err and "function_node" not in err
+    assert not list(tmp_path.glob(".sm*")) and not (tmp_path / "sm").exists()  # 7b0ac0c left .sm.partial/
+
+
+def test_broken_run_files_are_named_not_tracebacks(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.checkpoints import prepare_run_dir
+    from gpt2_effnet.training.reporting import Reporter
+
+    config = tiny_config()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-1.index").write_bytes(b"x")
+    for name, data, named in (("config.yaml", bytes(300), "config.yaml"),  # NUL-filled
+                              ("config.yaml", b"\xff\xfe binary", "config.yaml")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=named):  # 7b0ac0c: yaml's ReaderError / UnicodeDecodeError
+            prepare_run_dir(tmp_path, config, {}, write=False)
+    config.save(tmp_path / "config.yaml")
+    (tmp_path / "run.json").write_text("{cut")
+    with pytest.raises(ValueError, match="run.json"):  # 7b0ac0c: JSONDecodeError naming no file
+        prepare_run_dir(tmp_path, config, {"train": {}}, write=False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe\n{"step": "x"}\n{"step": 3}\n')
+    dropped = Reporter(tmp_path, is_chief=True, show_progress=False).forget_metrics_after(2)
+    assert dropped == 3 and metrics.read_text() == '{"step": 1, "loss": 2.0}\n'

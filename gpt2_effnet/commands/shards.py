@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..data.shards import write_shards
@@ -23,9 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ..data.captions import read_captions
 
-    captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
-    print(captions.summary())
-    result = write_shards(captions, args.out, args.per_shard, args.prefix)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"gpt2-effnet shards: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
+
+    try:
+        captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
+        print(captions.summary())
+        result = write_shards(captions, args.out, args.per_shard, args.prefix)
+    except ValueError as err:  # CaptionFileError is one; so is "no samples written"
+        print(f"gpt2-effnet shards: {err}", file=sys.stderr)
+        return 2
     print(result.summary())
     first, last = result.tars[0].name, result.tars[-1].name
     pattern = first if len(result.tars) == 1 else f"{args.prefix}-{{{first[len(args.prefix) + 1:-4]}..{last[len(args.prefix) + 1:-4]}}}.tar"

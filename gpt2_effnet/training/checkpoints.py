@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from ..atomic import naming
 from ..captioner import CONFIG_FILE, WEIGHTS_FILE
 from ..config import CaptionerConfig
 
@@ -257,8 +258,13 @@ def _nbytes(variables: Any) -> int:
 def _write_atomic(path: Path, text: str) -> None:
     """Other workers may read the file while the chief writes it; they must never see half of it."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        with naming(path):
+            partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+        raise
 
 
 class RunState(tf.Module):

@@ -20,12 +20,14 @@ from typing import Any, Callable, Mapping
 import keras
 import tensorflow as tf
 
-from ..captioner import WEIGHTS_FILE, Captioner
+from ..captioner import CONFIG_FILE, WEIGHTS_FILE, Captioner
 from ..config import CaptionerConfig
 from ..tokenizer import RUN_TOKENIZER_DIR
 from . import distribute
 from .checkpoints import (
     CHECKPOINT_DIR,
+    RUN_FILE,
+    CheckpointUnusable,
     Checkpointer,
     RunState,
     checkpoint_steps,
@@ -160,7 +162,14 @@ class Trainer:
             worker_index=self.worker.index,
         )
         self.resumed_from: int | None = None
-        restored = self.checkpointer.restore_latest()
+        try:
+            restored = self.checkpointer.restore_latest()
+        except CheckpointUnusable as err:
+            if any(note.startswith("--override") for note in notes):
+                raise CheckpointUnusable(
+                    f"{err} (--override cannot change what the weights' shapes depend on, e.g. gpt2.*)"
+                ) from None
+            raise
         for note in self.checkpointer.notes:
             self.say(note)
         if restored is not None and self.checkpointer.refresh_weights():
@@ -191,22 +200,36 @@ class Trainer:
             self.lock.release()
 
     def _start_run_files(self) -> None:
-        """config.yaml, run.json and the vocabulary, with the run's first checkpoint.
+        """The vocabulary, run.json and config.yaml, with the run's first checkpoint.
 
         Before it the folder holds nothing to resume, so a rerun with corrected data or
-        config starts afresh; a vocabulary left by such a stopped start is replaced.
+        config starts afresh: a vocabulary left by such a stopped start is replaced, and
+        if the first checkpoint cannot be written these files go again.
         """
         if self._run_files_written:
             return
         self._run_files_written = True
         if not self.is_chief:
             return
-        write_run_files(self.run_dir, self.config, self.run_info)
         tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
         if self.data.tokenizer is not None and self.resumed_from is None and tokenizer_dir.is_dir():
             shutil.rmtree(tokenizer_dir)
-        if self.data.tokenizer is not None and not tokenizer_dir.exists():
-            self.data.tokenizer.save(tokenizer_dir)
+        try:
+            if self.data.tokenizer is not None and not tokenizer_dir.exists():
+                self.data.tokenizer.save(tokenizer_dir)
+            write_run_files(self.run_dir, self.config, self.run_info)
+        except BaseException:
+            self._undo_run_files()
+            raise
+
+    def _undo_run_files(self) -> None:
+        """A fresh run whose first checkpoint failed: its run files would describe nothing."""
+        self._run_files_written = False
+        if not self.is_chief or self.resumed_from is not None or checkpoint_steps(self.run_dir / CHECKPOINT_DIR):
+            return
+        shutil.rmtree(self.run_dir / RUN_TOKENIZER_DIR, ignore_errors=True)
+        for name in (CONFIG_FILE, RUN_FILE):
+            (self.run_dir / name).unlink(missing_ok=True)
 
     # -- set-up --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -247,12 +270,13 @@ class Trainer:
             f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
             f"steps per epoch {self.steps_per_epoch or 'unknown'}, total steps {self.total_steps or 'unknown'}"
         )
-        if self.resumed_from is not None:
-            self.reporter.forget_metrics_after(self.step)
-            self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
-        else:  # lines of an earlier start that stopped before its first checkpoint: not this run's
-            self.reporter.forget_metrics_after(0)
         try:
+            # On a fresh start, lines of an earlier one that stopped before its first checkpoint go too.
+            unreadable = self.reporter.forget_metrics_after(self.step if self.resumed_from is not None else 0)
+            if unreadable:
+                self.say(f"dropped {unreadable} unreadable line(s) from {self.run_dir / 'metrics.jsonl'}")
+            if self.resumed_from is not None:
+                self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
             while not self._finished() and self._stop is None:
                 if self._train_epoch(window, history):
                     self._end_epoch()
@@ -357,7 +381,12 @@ class Trainer:
         self.state.batch_in_epoch.assign(self.batch_in_epoch)
         self.state.best_val_loss.assign(self._best_val)
         self._start_run_files()
-        self._last_path, self._last_saved = self.checkpointer.save(self.step), self.step
+        try:
+            self._last_path = self.checkpointer.save(self.step)
+        except BaseException:
+            self._undo_run_files()
+            raise
+        self._last_saved = self.step
         return self._last_path
 
     def validate(self) -> dict[str, Any]:

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import naming
+
 LOCK_FILE = ".lock"
 
 
@@ -75,7 +77,8 @@ class RunLock:
                 os.close(fd)
                 raise RunLocked(self._in_use(holder))
             try:
-                self._write(fd)
+                with naming(self.path):
+                    self._write(fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     self.path.unlink()
