@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import logging
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -153,6 +154,11 @@ class GPT2Tokenizer:
         folder = run_dir / RUN_TOKENIZER_DIR
         if folder.is_dir():
             return cls.from_pretrained(folder, num_special_tokens=num_special_tokens)
+        if (run_dir / "run.json").is_file():  # a training run writes its vocabulary: this one was removed
+            logging.getLogger(__name__).warning(
+                "%s has no %s/ folder (training writes one); decoding with GPT-2's bundled vocabulary",
+                run_dir, RUN_TOKENIZER_DIR,
+            )
         return cls.default(num_special_tokens=num_special_tokens)
 
     def save(self, folder: str | Path) -> Path:

@@ -435,16 +435,22 @@ def test_resume_falls_back_past_deleted_or_corrupt_checkpoints_and_never_starts_
     result = _trainer(config.replace(train={"steps": 5}), run, paths.train_csv, log=said.append).fit()
     assert result.resumed_from == 3 and result.step == 5
     assert any("ckpt-4 does not restore" in line for line in said), said
+    # TensorFlow's state file garbled: 7b0ac0c read it as "no checkpoint" and started at step 0.
+    (run / "checkpoints" / "checkpoint").write_text("garbage {{{\n")
+    said.clear()
+    result = _trainer(config.replace(train={"steps": 6}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 5 and result.step == 6
+    assert any("not a checkpoint list" in line for line in said), said
     # None restores: one error, and nothing in the folder is trained over.
     for index in (run / "checkpoints").glob("*.index"):
         index.write_bytes(index.read_bytes()[:10])
     weights = (run / "captioner.weights.h5").read_bytes()
     with pytest.raises(ValueError, match="none restores"):  # CheckpointUnusable
-        _trainer(config.replace(train={"steps": 6}), run, paths.train_csv)
+        _trainer(config.replace(train={"steps": 7}), run, paths.train_csv)
     # Every checkpoint deleted: the weights are still a trained run's, not a folder to start over in.
     shutil.rmtree(run / "checkpoints")
     with pytest.raises(ValueError, match="no checkpoint files to resume from"):
-        _trainer(config.replace(train={"steps": 6}), run, paths.train_csv)
+        _trainer(config.replace(train={"steps": 7}), run, paths.train_csv)
     assert (run / "captioner.weights.h5").read_bytes() == weights
 
 
@@ -626,3 +632,132 @@ def test_broken_run_files_are_named_not_tracebacks(tmp_path, tiny_config) -> Non
     metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe\n{"step": "x"}\n{"step": 3}\n')
     dropped = Reporter(tmp_path, is_chief=True, show_progress=False).forget_metrics_after(2)
     assert dropped == 3 and metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+@pytest.mark.slow  # trains
+def test_a_run_stopped_before_its_first_checkpoint_does_not_refuse_the_corrected_data(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.loop import TrainingStopped
+
+    bad = _synthetic(tmp_path / "data", n=100, corrupt=150)
+    rows = bad.train_csv.read_text()
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 16, "steps": 6, "log_every": 4,
+                                                      "checkpoint_every": 6, "max_skip_rate": 0.2})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="max_skip_rate"):
+        _trainer(config, run, bad.train_csv).fit()
+    assert not (run / "config.yaml").exists() and not (run / "run.json").exists()
+    # The same path, corrected: a new run (7b0ac0c: "a different config or data", data.train.sha1).
+    bad.train_csv.write_text("\n".join(line for line in rows.splitlines() if "bad" not in line) + "\n")
+    assert _trainer(config, run, bad.train_csv).fit().step == 6
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6]  # one history: the stopped start's lines are gone
+
+
+def test_what_a_run_folder_lacks_is_said(tmp_path, tiny_config, caplog) -> None:
+    import logging
+
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+    from gpt2_effnet.training.checkpoints import RunConfigMismatch, prepare_run_dir
+
+    config = tiny_config()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-4.index").write_bytes(b"x")
+    # config.yaml deleted: 7b0ac0c compared nothing and resumed with whatever it was given.
+    with pytest.raises(RunConfigMismatch, match="no config.yaml"):
+        prepare_run_dir(tmp_path, config, {}, write=False)
+    _, notes = prepare_run_dir(tmp_path, config, {}, override=True, write=False)
+    assert any("--override" in note for note in notes)
+    # A training run's vocabulary removed: decoded with GPT-2's, and said so.
+    (tmp_path / "run.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        GPT2Tokenizer.for_run(tmp_path)
+    assert any("no tokenizer/ folder" in r.getMessage() for r in caplog.records)
+
+
+def test_mostly_missing_images_stop_before_the_first_step(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError
+    from gpt2_effnet.training.sources import caption_source, make_tokenizer
+
+    paths = _synthetic(tmp_path / "data", n=4)
+    rows = paths.train_csv.read_text().splitlines() + [f"nowhere/{i}.jpg,a thing" for i in range(396)]
+    paths.train_csv.write_text("\n".join(rows) + "\n")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 5})
+    with pytest.raises(CaptionFileError, match=r"396 of the 400 rows .* \(99% > train.max_skip_rate 10%"):
+        caption_source(config, make_tokenizer(config), csv=paths.train_csv)
+
+
+def test_caption_names_fifos_and_devices_instead_of_dropping_them(tmp_path, run_folder, photos, capsys) -> None:
+    folder = tmp_path / "mixed"
+    shutil.copytree(photos, folder)
+    os.mkfifo(folder / "pipe.png")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    assert main(["caption", "--checkpoint", str(run_folder), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 2
+    assert "pipe.png: a FIFO" in captured.err and "zero.jpg: a device" in captured.err, captured.err
+    assert main(["caption", "--checkpoint", str(run_folder), str(folder / "pipe.png")]) == 2  # named: never opened
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "a FIFO" in err
+
+
+def test_wrong_or_silent_inputs_are_refused(tmp_path, run_folder, photos, capsys) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError, read_coco, read_csv
+    from gpt2_effnet.decoding import check_generation
+
+    with pytest.raises(ValueError, match="temperature must be >= 1e-06"):  # 7b0ac0c: captions of commas
+        check_generation({"do_sample": True, "temperature": 1e-45})
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--temperature", "1e-45"]) == 2
+    _one_line(capsys.readouterr().err)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: the config is empty"):  # 7b0ac0c: every default
+        CaptionerConfig.load(tmp_path / "empty.yaml")
+    (tmp_path / "q.csv").write_text('image,caption\na.jpg,"an open quote\nb.jpg,b\nc.jpg,c\n')
+    with pytest.raises(CaptionFileError, match=r"q.csv:4: malformed CSV"):  # 7b0ac0c: one row swallowing the rest
+        read_csv(tmp_path / "q.csv")
+    for images, named in (([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "share id 1"),
+                          ([{"id": 1, "file_name": None}], "file names must be non-empty strings")):
+        (tmp_path / "c.json").write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "caption": "x"}]}))
+        with pytest.raises(CaptionFileError, match=named):  # 7b0ac0c: the last one kept / "None"
+            read_coco(tmp_path / "c.json")
+    references = tmp_path / "refs.csv"
+    references.write_text("image,caption\na.jpg,a dog\n")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"image": str(tmp_path / "a.jpg"), "caption": None}) + "\n")
+    for extra, named in (([], "p.jsonl:1: 'image' and 'caption' must be strings"), (["--limit", "-1"], "--limit")):
+        args = ["evaluate", "--predictions", str(predictions), "--csv", str(references), *extra]
+        assert main(args) == 2, extra  # 7b0ac0c: scored "None" / took --limit -1
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert named in err, err
+
+
+def test_messages_name_the_file(tmp_path, run_folder, photos, capsys) -> None:
+    from gpt2_effnet.captioner import Captioner
+    from gpt2_effnet.config import GPT2Config
+    from gpt2_effnet.data.captions import CaptionFileError, read_csv
+
+    (tmp_path / "b.yaml").write_bytes(b"\x89\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="b.yaml: not a text"):
+        CaptionerConfig.load(tmp_path / "b.yaml")
+    (tmp_path / "l.csv").write_bytes("image,caption\na.jpg,a dog\nb.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CaptionFileError, match=r"l.csv:3: not UTF-8"):
+        read_csv(tmp_path / "l.csv")
+    (tmp_path / "config.json").write_text('{"vocab_size": 11, ')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        GPT2Config.from_hf_json(tmp_path / "config.json")
+    cut = tmp_path / "cut"
+    shutil.copytree(run_folder, cut)
+    (cut / "captioner.weights.h5").write_bytes((run_folder / "captioner.weights.h5").read_bytes()[:5000])
+    with pytest.raises(OSError, match="captioner.weights.h5"):
+        Captioner.load(cut)
+    (tmp_path / "junk.keras").write_bytes(os.urandom(3000))
+    assert main(["caption", "--checkpoint", str(tmp_path / "junk.keras"), str(photos)]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "not a Keras archive" in err and "File not found" not in err
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
+    (tmp_path / "refs.csv").write_text("image,caption\na.jpg,a dog\n")
+    assert main(["evaluate", "--predictions", str(lines), "--csv", str(tmp_path / "refs.csv")]) == 2
+    assert "p.jsonl:2" in capsys.readouterr().err

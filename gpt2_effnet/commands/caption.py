@@ -167,7 +167,10 @@ def main(args: argparse.Namespace) -> int:
             message = message.replace(keyword, option)
         return fail(message)
     if not paths:
-        return fail("no image files found" + (f" ({len(unusable)} broken link(s))" if unusable else ""))
+        if unusable:
+            return fail(f"no image files found; {len(unusable)} unusable: " +
+                        "; ".join(f"{path}: {reason}" for path, reason in unusable[:3]))
+        return fail("no image files found")
     try:
         model = Captioner.load(checkpoint)
         tokenizer = _load_tokenizer(args, model.decoder.num_special_tokens)
