@@ -423,7 +423,8 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
         except (BadRequest, web.HTTPException, ConnectionResetError):
             raise
         except Exception as err:  # a multipart body that does not parse
-            raise BadRequest(f"malformed request body ({type(err).__name__}: {_short(err)})") from None
+            detail = getattr(err, "message", None) or _short(err)  # aiohttp's parse errors keep theirs here
+            raise BadRequest(f"malformed request body ({type(err).__name__}: {str(detail)[:160]})") from None
         return data, fields
 
     async def caption(request: web.Request) -> web.Response:
