@@ -454,6 +454,7 @@ def test_resume_falls_back_past_deleted_or_corrupt_checkpoints_and_never_starts_
     assert (run / "captioner.weights.h5").read_bytes() == weights
 
 
+@pytest.mark.slow  # subprocesses
 def test_run_lock_cannot_be_held_twice_by_processes_started_together(tmp_path) -> None:
     script = tmp_path / "race.py"
     script.write_text(
@@ -486,6 +487,7 @@ def test_run_lock_cannot_be_held_twice_by_processes_started_together(tmp_path) -
     assert out.stdout.strip() == "0", out.stdout  # 7b0ac0c: both held it in 74 of 100 trials
 
 
+@pytest.mark.slow  # a subprocess
 def test_run_lock_reads_any_lock_file_and_names_its_holder(tmp_path) -> None:
     from gpt2_effnet.training.run_lock import LOCK_FILE, RunLock, RunLocked
 
@@ -761,3 +763,28 @@ def test_messages_name_the_file(tmp_path, run_folder, photos, capsys) -> None:
     (tmp_path / "refs.csv").write_text("image,caption\na.jpg,a dog\n")
     assert main(["evaluate", "--predictions", str(lines), "--csv", str(tmp_path / "refs.csv")]) == 2
     assert "p.jsonl:2" in capsys.readouterr().err
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, run_folder, photos, capsys, monkeypatch) -> None:
+    import errno
+    import pathlib
+
+    paths = _synthetic(tmp_path / "data", n=8)
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 1\n")
+    read_only = tmp_path / "ro"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # as a read-only mount answers
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    for argv in (["synthetic", "--out", str(read_only / "syn"), "--n", "2"],
+                 ["shards", "--csv", str(paths.train_csv), "--out", str(read_only / "sh")],
+                 ["train", "--config", str(tmp_path / "c.yaml"), "--csv", str(paths.train_csv), "--out", str(read_only / "run")],
+                 ["caption", "--checkpoint", str(run_folder), str(photos), "--attention", str(read_only / "att")]):
+        assert main(argv) == 2, argv  # 7b0ac0c: OSError tracebacks
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert "Read-only file system" in err and str(read_only) in err, err
