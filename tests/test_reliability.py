@@ -565,12 +565,11 @@ def test_a_disk_that_refuses_writes_is_one_line_and_leaves_nothing_half_written(
 def test_an_override_of_the_model_shape_is_one_line(tmp_path, tiny_config) -> None:
     paths = _synthetic(tmp_path / "data")
     config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2, "checkpoint_every": 2})
-    run = tmp_path / "run"
-    _trainer(config, run, paths.train_csv).fit()
+    _trainer(config, tmp_path / "run", paths.train_csv).fit()
     deeper = config.replace(train={"steps": 4})
     deeper = type(deeper).from_dict({**deeper.to_dict(), "gpt2": {**deeper.to_dict()["gpt2"], "n_layer": 3}})
     with pytest.raises(ValueError, match=r"none restores.*--override cannot change"):  # 7b0ac0c: AssertionError
-        _trainer(deeper, run, paths.train_csv, override=True)
+        _trainer(deeper, tmp_path / "run", paths.train_csv, override=True)
     assert tmp_path.joinpath("run", "checkpoints", "ckpt-2.index").is_file()
 
 

@@ -171,9 +171,9 @@ def prepare_run_dir(
             )
         notes.append(f"--override: {run_dir} has no {CONFIG_FILE} to compare with; resuming with this config")
     if config_path.is_file():
-        saved = _read_yaml(config_path)
+        saved = _read_mapping(config_path, yaml.safe_load, "YAML")
         diffs = differences(saved, config.to_dict())
-        saved_info = _read_json(info_path) if info_path.is_file() else {}
+        saved_info = _read_mapping(info_path, json.loads, "JSON") if info_path.is_file() else {}
         data_diffs = differences({"data": saved_info}, {"data": dict(run_info)}) if saved_info else {}
         free_keys = set(RESUME_FREE_KEYS)
         if saved.get("optim", {}).get("schedule") == "cosine" and saved.get("optim", {}).get("decay_steps") is None:
@@ -210,23 +210,14 @@ def _refuse_fresh_start(run_dir: Path) -> None:
         )
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_mapping(path: Path, parse: Any, kind: str) -> dict[str, Any]:
+    """A run file's mapping (``parse``: yaml.safe_load or json.loads); RunConfigMismatch naming it otherwise."""
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise RunConfigMismatch(f"{path}: not a readable YAML config ({_first_line(err)})") from None
+        data = parse(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+        raise RunConfigMismatch(f"{path}: not readable {kind} ({_first_line(err)})") from None
     if not isinstance(data, dict):
-        raise RunConfigMismatch(f"{path}: expected a YAML mapping of config sections, got {type(data).__name__}")
-    return data
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunConfigMismatch(f"{path}: not readable JSON ({_first_line(err)})") from None
-    if not isinstance(data, dict):
-        raise RunConfigMismatch(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise RunConfigMismatch(f"{path}: expected a {kind} mapping, got {type(data).__name__}")
     return data
 
 
