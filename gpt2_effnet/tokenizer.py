@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from .atomic import naming
+
 # GPT-2's pre-tokenisation rule: lowercase English contractions, letter runs, digit runs and
 # runs of other symbols (each optionally led by one space), then whitespace runs. The
 # "\s+(?!\S)" branch leaves the last space of a run to lead the next word, as GPT-2 does.
@@ -172,10 +174,12 @@ class GPT2Tokenizer:
         partial = folder.with_name(f".{folder.name}.partial")
         partial.mkdir(parents=True, exist_ok=True)
         try:
-            (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
+            with naming(folder / "vocab.json"):
+                (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
             merges = sorted(self._ranks, key=self._ranks.__getitem__)
             lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-            (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            with naming(folder / "merges.txt"):
+                (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
             partial.rename(folder)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)  # a full disk leaves no half-written vocabulary
