@@ -388,33 +388,40 @@ def test_overload_is_shed_before_uploads_are_decoded(engine, monkeypatch) -> Non
     from gpt2_effnet.serving import server as server_module
 
     release = threading.Event()
-    real_caption, decoded = engine.caption, []
+    real_caption, real_read, decoded = engine.caption, server_module.read_image, []
 
     def held_caption(pixels, settings):  # the worker stays busy until the test lets go
         release.wait(60)
         return real_caption(pixels, settings)
 
-    real_read = server_module.read_image
-
     def counting_read(*args, **kwargs):
         decoded.append(1)
         return real_read(*args, **kwargs)
 
+    from gpt2_effnet.serving.server import Settings
+
+    real_caption(np.stack([real_read(_image(29), SIZE)]), Settings())  # compiled now, not while a request waits
     monkeypatch.setattr(engine, "caption", held_caption)
     monkeypatch.setattr(server_module, "read_image", counting_read)
-    with _running(_limited_app(engine, queue=2, max_wait_ms=0.0)) as url:
-        with ThreadPoolExecutor(2) as pool:
+    with _running(_limited_app(engine, queue=2, max_wait_ms=0.0, queue_wait_ms=1000.0)) as url:
+        with ThreadPoolExecutor(4) as pool:
             admitted = [pool.submit(_request, url + "/caption", _image(30 + i)) for i in range(2)]
             deadline = time.time() + 30
             while len(decoded) < 2 and time.time() < deadline:
                 time.sleep(0.05)
             time.sleep(0.3)
-            refused = [_request(url + "/caption", _image(40 + i)) for i in range(4)]
+            start = time.perf_counter()
+            refused = list(pool.map(lambda i: _request(url + "/caption", _image(40 + i)), range(4)))
+            waited = time.perf_counter() - start
+            # A request waiting for a place gets it when one frees.
+            late = pool.submit(_request, url + "/caption", _image(50))
+            time.sleep(0.1)
             release.set()
             assert all(f.result(120)[0] == 200 for f in admitted)
+            assert late.result(120)[0] == 200
     assert [status for status, _ in refused] == [503] * 4, refused
-    assert "busy" in refused[0][1]["error"]
-    assert len(decoded) == 2  # 7b0ac0c decoded every refused upload before refusing it
+    assert "busy" in refused[0][1]["error"] and 0.9 < waited < 5, waited  # after --queue-wait-ms, not at once
+    assert len(decoded) == 3  # 7b0ac0c decoded every refused upload before refusing it
 
 
 def test_uploads_are_decoded_within_a_pixel_budget(engine, monkeypatch) -> None:

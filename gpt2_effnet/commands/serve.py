@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue", type=int, default=64,
                         help="requests served at once (uploading, waiting or decoding); more get 503 before their "
                              "upload is read (default 64)")
+    parser.add_argument("--queue-wait-ms", type=float, default=1000.0,
+                        help="how long a request over --queue waits for a place before its 503 (default 1000 ms)")
     parser.add_argument("--max-bytes", type=int, default=20 * 2**20,
                         help="largest upload in bytes; a larger Content-Length is refused at once (default 20 MiB)")
     parser.add_argument("--body-timeout", type=float, default=30.0,
@@ -75,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"{run}: not a trained run folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         limits = Limits(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue=args.queue,
+                        queue_wait_ms=args.queue_wait_ms,
                         max_bytes=args.max_bytes, max_beams=args.max_beams, body_timeout=args.body_timeout,
                         decode_pixels=args.decode_pixels, max_programs=args.max_programs).check()
         listener = _listen(args.host, args.port)

@@ -7,9 +7,10 @@ decoding settings as query or form fields: ``beams``, ``top_p``, ``top_k``,
 file, so nothing on disk but the model is read.
 
 Everything a client controls is bounded (:class:`Limits`), so that no request can stall
-the others: requests are admitted up to ``queue`` at a time and the rest refused with 503
-before their body is read; a body must announce no more than ``max_bytes`` and arrive
-within ``body_timeout`` seconds; uploads are decoded only after their header's pixel
+the others: requests are admitted up to ``queue`` at a time; the rest wait up to
+``queue_wait_ms`` for a place and are then refused with 503, before their body is read;
+a body must announce no more than ``max_bytes`` and arrive within ``body_timeout``
+seconds; uploads are decoded only after their header's pixel
 count is checked, and no more than ``decode_pixels`` pixels of them at once; ``beams``
 and ``max_new_tokens`` have ceilings, a decode call holds at most ``max_batch`` rows (a
 beam request's beams count as rows), and the service compiles at most ``max_programs``
@@ -61,6 +62,7 @@ class Limits:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     queue: int = 64
+    queue_wait_ms: float = 1000.0
     max_bytes: int = 20 * 2**20
     max_beams: int = 8
     body_timeout: float = 30.0
@@ -72,9 +74,10 @@ class Limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if not (isinstance(self.max_wait_ms, (int, float)) and math.isfinite(self.max_wait_ms)
-                and 0 <= self.max_wait_ms <= 10_000):
-            raise ValueError(f"--max-wait-ms must be a number of milliseconds in [0, 10000], got {self.max_wait_ms!r}")
+        for name in ("max_wait_ms", "queue_wait_ms"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 10_000):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number of milliseconds in [0, 10000], got {value!r}")
         if not (isinstance(self.body_timeout, (int, float)) and math.isfinite(self.body_timeout)
                 and 0 < self.body_timeout <= 3600):
             raise ValueError(f"--body-timeout must be a number of seconds in (0, 3600], got {self.body_timeout!r}")
@@ -227,28 +230,53 @@ class Batcher:
     """Admitted jobs and one worker that decodes same-setting jobs together (see the module)."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queue_size: int = 64,
-                 max_programs: int = 16) -> None:
+                 max_programs: int = 16, queue_wait_ms: float = 1000.0) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self.queue_size = queue_size
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()  # bounded by admission: at most queue_size requests
         self.admitted = 0
+        self.queue_wait = queue_wait_ms / 1000.0
+        self.waiting = 0  # requests over queue_size waiting for a place (at most 4 * queue_size)
+        self._place: asyncio.Condition | None = None
         self.max_programs = max_programs
         self.programs: set[tuple] = set()
         self.batches = 0
         self.images = 0
         self._held: list[_Job] = []
 
-    def admit(self) -> None:
-        """Count one more request in, or refuse it (503) before anything of it is read."""
+    async def admit(self) -> None:
+        """Count one more request in, or refuse it (503) before anything of it is read.
+
+        Over ``queue_size`` a request waits up to ``queue_wait`` for a place first: a
+        refusal answered at once invites a retry at once, and on a busy machine a storm
+        of those (each a connection, a parse and an answer) takes the CPU the decoding
+        needs; an idle wait costs nothing.
+        """
         if self.admitted >= self.queue_size:
-            raise BadRequest(f"busy: {self.queue_size} requests are being served; retry shortly", 503,
-                             {"Retry-After": "1"})
+            if self._place is None:
+                self._place = asyncio.Condition()
+            if self.waiting >= 4 * self.queue_size or self.queue_wait <= 0:
+                raise self._busy()
+            self.waiting += 1
+            try:
+                async with self._place:
+                    await asyncio.wait_for(self._place.wait_for(lambda: self.admitted < self.queue_size), self.queue_wait)
+            except asyncio.TimeoutError:
+                raise self._busy() from None
+            finally:
+                self.waiting -= 1
         self.admitted += 1
 
-    def leave(self) -> None:
+    def _busy(self) -> BadRequest:
+        return BadRequest(f"busy: {self.queue_size} requests are being served; retry shortly", 503, {"Retry-After": "1"})
+
+    async def leave(self) -> None:
         self.admitted -= 1
+        if self._place is not None and self.waiting:
+            async with self._place:
+                self._place.notify(1)
 
     def check_program(self, settings: Settings) -> None:
         """Refuse settings that would compile one decode program more than ``max_programs``."""
@@ -363,7 +391,7 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
     limits = (limits or Limits(max_batch=max_batch, max_wait_ms=max_wait_ms, queue=queue_size,
                                max_bytes=max_bytes)).check()
     batcher = Batcher(engine, max_batch=limits.max_batch, max_wait_ms=limits.max_wait_ms, queue_size=limits.queue,
-                      max_programs=limits.max_programs)
+                      max_programs=limits.max_programs, queue_wait_ms=limits.queue_wait_ms)
     budget: dict[str, PixelBudget] = {}  # made in the server's event loop, at start-up
 
     def error(message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -428,7 +456,7 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
         return data, fields
 
     async def caption(request: web.Request) -> web.Response:
-        batcher.admit()  # before reading anything: overload costs a refusal, not a decode
+        await batcher.admit()  # before reading anything: overload costs a wait or a refusal, not a decode
         try:
             data, form = await read_body(request)
             if not data:
@@ -447,7 +475,7 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
                 await budget["pixels"].give(share)
             return web.json_response(await batcher.submit(image, settings))
         finally:
-            batcher.leave()
+            await batcher.leave()
 
     async def start_worker(app: web.Application) -> None:
         budget["pixels"] = PixelBudget(limits.decode_pixels)
