@@ -30,7 +30,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: object
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=folder)
     os.close(handle)
     try:
-        with open(temporary, mode, **open_kwargs) as stream:  # type: ignore[call-overload]
+        with naming(target), open(temporary, mode, **open_kwargs) as stream:  # type: ignore[call-overload]
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
@@ -38,6 +38,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: object
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """An OSError from writing (a full disk says only "No space left on device") names ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, str(path)) from err
         raise
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,10 @@ class Captioner(keras.Model):
         """Read a ``.keras`` file, or a folder written by :meth:`save_pretrained` / training."""
         path = Path(path)
         if path.suffix == ".keras":
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
+            if not zipfile.is_zipfile(path):  # Keras would say "File not found" about a file that is there
+                raise ValueError(f"{path}: not a Keras archive (a .keras file is a zip written by model.save)")
             model = keras.saving.load_model(path)
             if not isinstance(model, cls):
                 raise ValueError(f"{path} holds a {type(model).__name__}, not a Captioner")
@@ -152,7 +157,11 @@ class Captioner(keras.Model):
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: no {WEIGHTS_FILE} next to {CONFIG_FILE}")
-        model.load_weights(weights)
+        try:
+            model.load_weights(weights)
+        except (OSError, ValueError) as err:  # h5py's messages do not name the file
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise (OSError if isinstance(err, OSError) else ValueError)(f"{weights}: {first}") from None
         return model
 
     def get_config(self) -> dict[str, Any]:

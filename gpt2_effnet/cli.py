@@ -48,7 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"gpt2-effnet {name}", description=help_)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except OSError as err:  # the file system said no (read-only, full, a file where a folder goes): one line
+        print(f"gpt2-effnet {name}: {describe_os_error(err)}", file=sys.stderr)
+        return 2
+
+
+def describe_os_error(err: OSError) -> str:
+    """``PATH: reason`` for an OSError, however it was raised."""
+    if err.strerror:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return f"{where}: {err.strerror}" if where else err.strerror
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":

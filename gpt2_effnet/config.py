@@ -60,7 +60,7 @@ class GPT2Config:
     @classmethod
     def from_hf_json(cls, path: str | os.PathLike) -> "GPT2Config":
         """Read a Hugging Face ``config.json`` (keys vocab_size, n_positions, n_embd, ...)."""
-        data = json.loads(Path(path).read_text())
+        data = _read_json_object(path)
         try:
             return cls(
                 vocab_size=int(data["vocab_size"]),
@@ -72,11 +72,13 @@ class GPT2Config:
             )
         except KeyError as err:
             raise ConfigError(f"{path}: missing key {err.args[0]!r} in Hugging Face config.json") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     @classmethod
     def from_openai_hparams(cls, path: str | os.PathLike) -> "GPT2Config":
         """Read OpenAI's ``hparams.json`` (keys n_vocab, n_ctx, n_embd, n_head, n_layer)."""
-        data = json.loads(Path(path).read_text())
+        data = _read_json_object(path)
         try:
             return cls(
                 vocab_size=int(data["n_vocab"]),
@@ -87,6 +89,8 @@ class GPT2Config:
             )
         except KeyError as err:
             raise ConfigError(f"{path}: missing key {err.args[0]!r} in OpenAI hparams.json") from None
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{path}: {err}") from None
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike) -> "GPT2Config":
@@ -116,6 +120,17 @@ class GPT2Config:
             f"gpt2: {spec!r} is neither a preset ({sorted(PRESETS)}), a folder with "
             "config.json/hparams.json, nor a mapping of GPT2Config fields"
         )
+
+
+def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON object from a file; ConfigError naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 PRESETS: dict[str, GPT2Config] = {
@@ -348,11 +363,16 @@ class CaptionerConfig:
     def load(cls, path: str | os.PathLike) -> "CaptionerConfig":
         path = Path(path)
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not a text (UTF-8) YAML file: byte {err.start} is 0x{err.object[err.start]:02x}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if data is None:
+            # Every default (GPT-2 124M, 224-px images, ...) is rarely what an empty file meant.
+            raise ConfigError(f"{path}: the config is empty; give at least one section (e.g. train: {{steps: 100}})")
         try:
-            return cls.from_dict(data or {})
+            return cls.from_dict(data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
 

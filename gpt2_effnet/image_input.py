@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -46,8 +47,10 @@ class UnsupportedImage(ValueError):
 def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files named on the command line (whatever their suffix) plus image files in folders.
 
-    Returns ``(files, unusable)``: broken symbolic links inside folders are not dropped
-    silently but listed with the reason, so the caller reports them as skipped.
+    Returns ``(files, unusable)``: broken symbolic links, FIFOs, devices and sockets (inside
+    folders or named) are not dropped silently but listed with the reason, so the caller
+    reports them as skipped; none of them is ever opened (reading a FIFO would wait for a
+    writer, a device for ever).
     """
     found: list[Path] = []
     unusable: list[tuple[Path, str]] = []
@@ -56,19 +59,33 @@ def find_images(inputs: Iterable[str], recursive: bool = False) -> tuple[list[Pa
         if path.is_dir():
             pattern = "**/*" if recursive else "*"
             for candidate in sorted(path.glob(pattern)):
-                if candidate.suffix.lower() not in IMAGE_SUFFIXES:
+                if candidate.suffix.lower() not in IMAGE_SUFFIXES or candidate.is_dir():
                     continue
                 if candidate.is_file():
                     found.append(candidate)
-                elif candidate.is_symlink() and not candidate.exists():
-                    unusable.append((candidate, f"broken symbolic link to {os.readlink(candidate)}"))
+                else:
+                    unusable.append((candidate, _not_a_file(candidate)))
         elif path.is_file():
             found.append(path)
-        elif path.is_symlink():
+        elif path.is_symlink() and not path.exists():
             raise FileNotFoundError(f"{item}: broken symbolic link to {os.readlink(path)}")
+        elif path.exists():
+            unusable.append((path, _not_a_file(path)))
         else:
             raise FileNotFoundError(f"{item}: no such file or folder")
     return found, unusable
+
+
+def _not_a_file(path: Path) -> str:
+    """Why a path that is neither a file nor a folder cannot be captioned."""
+    link = f" (a symbolic link to {os.readlink(path)})" if path.is_symlink() else ""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return f"broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "cannot be read"
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+    return f"{kind}{link}, not an image file"
 
 
 def open_image(

@@ -12,12 +12,16 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import logging
 import re
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import regex
+
+from .atomic import naming
 
 # GPT-2's pre-tokenisation rule: lowercase English contractions, letter runs, digit runs and
 # runs of other symbols (each optionally led by one space), then whitespace runs. The
@@ -152,6 +156,11 @@ class GPT2Tokenizer:
         folder = run_dir / RUN_TOKENIZER_DIR
         if folder.is_dir():
             return cls.from_pretrained(folder, num_special_tokens=num_special_tokens)
+        if (run_dir / "run.json").is_file():  # a training run writes its vocabulary: this one was removed
+            logging.getLogger(__name__).warning(
+                "%s has no %s/ folder (training writes one); decoding with GPT-2's bundled vocabulary",
+                run_dir, RUN_TOKENIZER_DIR,
+            )
         return cls.default(num_special_tokens=num_special_tokens)
 
     def save(self, folder: str | Path) -> Path:
@@ -164,11 +173,17 @@ class GPT2Tokenizer:
             raise FileExistsError(f"{folder} exists already; not overwriting a vocabulary")
         partial = folder.with_name(f".{folder.name}.partial")
         partial.mkdir(parents=True, exist_ok=True)
-        (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
-        merges = sorted(self._ranks, key=self._ranks.__getitem__)
-        lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-        (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-        partial.rename(folder)
+        try:
+            with naming(folder / "vocab.json"):
+                (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
+            merges = sorted(self._ranks, key=self._ranks.__getitem__)
+            lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+            with naming(folder / "merges.txt"):
+                (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            partial.rename(folder)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a full disk leaves no half-written vocabulary
+            raise
         return folder
 
     # ------------------------------------------------------------------ properties

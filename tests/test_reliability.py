@@ -280,7 +280,9 @@ def test_an_epoch_without_a_full_batch_stops_and_writes_no_config(tmp_path, tiny
     with pytest.raises(TrainingStopped, match=r"6 of the 10 samples read so far were unreadable or missing \(60% >"):
         trainer.fit()
     assert not (tmp_path / "run" / "config.yaml").exists()
-    # The corrected rerun is a new run, not "a different config".
+    # The corrected CSV at the same path is a new run, not "a different config or data".
+    rows = paths.train_csv.read_text().splitlines()
+    paths.train_csv.write_text("\n".join(line for line in rows if "bad" not in line) + "\n")
     fixed = _trainer(config.replace(train={"batch_size": 4, "steps": 2}), tmp_path / "run", paths.train_csv)
     assert fixed.fit().step == 2
 
@@ -469,3 +471,389 @@ def test_tiff_is_refused_by_name_by_every_reader(tmp_path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.tif")
     with pytest.raises(UnsupportedImage, match="TIFF images are not read here"):
         decode_rgb(tmp_path / "a.tif", SIZE)
+
+
+# --------------------------------------------------------- round 2 (issue 33, main at 7b0ac0c)
+
+
+def _python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """A fresh interpreter importing this very gpt2_effnet (not whichever one is installed)."""
+    import gpt2_effnet
+
+    env = dict(os.environ, PYTHONPATH=str(Path(gpt2_effnet.__file__).parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow  # trains
+def test_resume_falls_back_past_deleted_or_corrupt_checkpoints_and_never_starts_over(tmp_path, tiny_config) -> None:
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 3, "checkpoint_every": 1, "log_every": 1})
+    run = tmp_path / "run"
+    _trainer(config, run, paths.train_csv).fit()
+    for path in (run / "checkpoints").glob("ckpt-3.*"):  # the obvious way back to the one before
+        path.unlink()
+    said: list[str] = []
+    result = _trainer(config.replace(train={"steps": 4}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 2 and result.step == 4
+    assert any("ckpt-3 has no files" in line for line in said), said
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 2, 3, 4]  # one history: 1, 2, the resume event, then 3 and 4 again
+    # A zeroed data file in the newest checkpoint: the one before restores instead.
+    data = next((run / "checkpoints").glob("ckpt-4.data-*"))
+    data.write_bytes(bytes(data.stat().st_size))
+    said.clear()
+    result = _trainer(config.replace(train={"steps": 5}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 3 and result.step == 5
+    assert any("ckpt-4 does not restore" in line for line in said), said
+    # TensorFlow's state file garbled: 7b0ac0c read it as "no checkpoint" and started at step 0.
+    (run / "checkpoints" / "checkpoint").write_text("garbage {{{\n")
+    said.clear()
+    result = _trainer(config.replace(train={"steps": 6}), run, paths.train_csv, log=said.append).fit()
+    assert result.resumed_from == 5 and result.step == 6
+    assert any("not a checkpoint list" in line for line in said), said
+    # None restores: one error, and nothing in the folder is trained over.
+    for index in (run / "checkpoints").glob("*.index"):
+        index.write_bytes(index.read_bytes()[:10])
+    weights = (run / "captioner.weights.h5").read_bytes()
+    with pytest.raises(ValueError, match="none restores"):  # CheckpointUnusable
+        _trainer(config.replace(train={"steps": 7}), run, paths.train_csv)
+    # Every checkpoint deleted: the weights are still a trained run's, not a folder to start over in.
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match="no checkpoint files to resume from"):
+        _trainer(config.replace(train={"steps": 7}), run, paths.train_csv)
+    assert (run / "captioner.weights.h5").read_bytes() == weights
+
+
+@pytest.mark.slow  # subprocesses
+def test_run_lock_cannot_be_held_twice_by_processes_started_together(tmp_path) -> None:
+    script = tmp_path / "race.py"
+    script.write_text(
+        "import multiprocessing as mp, os, sys\n"
+        "from gpt2_effnet.training.run_lock import RunLock, RunLocked\n"
+        "def contend(folder, barrier, held):\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        lock = RunLock(folder).acquire()\n"
+        "    except RunLocked:\n"
+        "        lock = None\n"
+        "    if lock is not None:\n"
+        "        with held.get_lock():\n"
+        "            held.value += 1\n"
+        "    barrier.wait()  # both have tried before either lets go\n"
+        "    if lock is not None:\n"
+        "        lock.release()\n"
+        "ctx, both = mp.get_context('fork'), 0\n"
+        "for trial in range(60):\n"
+        "    barrier, held = ctx.Barrier(2), ctx.Value('i', 0)\n"
+        "    procs = [ctx.Process(target=contend, args=(os.path.join(sys.argv[1], str(trial)), barrier, held)) for _ in range(2)]\n"
+        "    [p.start() for p in procs]\n"
+        "    [p.join() for p in procs]\n"
+        "    both += held.value == 2\n"
+        "print(both)\n"
+    )
+    # A fresh interpreter without TensorFlow's threads, so forking is safe.
+    out = _python(str(script), str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0", out.stdout  # 7b0ac0c: both held it in 74 of 100 trials
+
+
+@pytest.mark.slow  # a subprocess
+def test_run_lock_reads_any_lock_file_and_names_its_holder(tmp_path) -> None:
+    from gpt2_effnet.training.run_lock import LOCK_FILE, RunLock, RunLocked
+
+    for junk in (b"[1]", b"", b"\x00\xff", b'{"pid": "x"}'):  # no live holder named: taken over
+        (tmp_path / LOCK_FILE).write_bytes(junk)
+        with RunLock(tmp_path) as lock:
+            assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid() and lock.held
+        assert not (tmp_path / LOCK_FILE).exists()
+    with RunLock(tmp_path):
+        code = ("from gpt2_effnet.training.run_lock import RunLock, RunLocked\n"
+                "try:\n    RunLock(r'%s').acquire()\nexcept RunLocked as err:\n    print(err)\n" % tmp_path)
+        out = _python("-c", code)
+    assert f"in use by process {os.getpid()}" in out.stdout, (out.stdout, out.stderr)
+
+
+def _cli(args: list[str], limit_bytes: int | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``gpt2-effnet ARGS`` in a fresh interpreter; ``limit_bytes``: no file it writes may grow past
+    that (RLIMIT_FSIZE: a write past it fails as on a full disk, with EFBIG)."""
+    import resource
+
+    def limit() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    import gpt2_effnet
+
+    env = dict(os.environ, PYTHONPATH=str(Path(gpt2_effnet.__file__).parents[1]), TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "gpt2_effnet.cli", *args], capture_output=True, text=True,
+                          timeout=300, env=env, preexec_fn=limit, cwd=cwd)
+
+
+def _one_error_line(out: subprocess.CompletedProcess, command: str) -> str:
+    assert out.returncode == 2 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-3000:])
+    lines = [line for line in out.stderr.splitlines() if line.startswith(f"gpt2-effnet {command}:")]
+    assert len(lines) == 1, out.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.slow  # trains, then subprocesses
+def test_a_disk_that_refuses_writes_is_one_line_and_leaves_nothing_half_written(tmp_path, tiny_config_data) -> None:
+    import yaml
+
+    paths = _synthetic(tmp_path / "data")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_config_data(
+        real_vocabulary=True, train={"batch_size": 4, "checkpoint_every": 2, "log_every": 1})))
+    run = tmp_path / "run"
+    train = ["train", "--config", str(tmp_path / "c.yaml"), "--csv", str(paths.train_csv), "--no-progress"]
+    assert _cli([*train, "--out", str(run), "--steps", "2"]).returncode == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    # The lock fits, the metrics' rewrite at resume does not (7b0ac0c: a traceback, and
+    # .lock and .metrics.jsonl.partial left behind).
+    line = _one_error_line(_cli([*train, "--out", str(run), "--steps", "4"], limit_bytes=200), "train")
+    assert "metrics.jsonl" in line, line
+    assert {p.name for p in run.iterdir() if p.is_file()} == set(before)  # no .lock, no .partial
+    assert all((run / name).read_bytes() == data for name, data in before.items())
+    # A fresh run whose first save cannot be written: no half-written vocabulary or config.
+    fresh = tmp_path / "fresh"
+    _one_error_line(_cli([*train, "--out", str(fresh), "--steps", "2"], limit_bytes=2000), "train")
+    assert not [p.name for p in fresh.iterdir() if p.name.startswith(".")] and not (fresh / "config.yaml").exists()
+    # caption --out at its final write, synthetic and shards into a place they cannot write.
+    out = tmp_path / "captions.jsonl"
+    images = str(paths.image_dir)
+    line = _one_error_line(_cli(["caption", "--checkpoint", str(run), images, "--out", str(out)], limit_bytes=100),
+                           "caption")
+    assert str(out) in line and not out.exists() and not list(tmp_path.glob(".captions*"))
+    (tmp_path / "a_file").write_text("x")
+    for args, command in ((["synthetic", "--out", str(tmp_path / "a_file"), "--n", "2"], "synthetic"),
+                          (["shards", "--csv", str(paths.train_csv), "--out", str(tmp_path / "a_file")], "shards"),
+                          (["download", "124M", "--dir", str(tmp_path / "a_file"), "--base-url", "http://127.0.0.1:9"],
+                           "download")):
+        assert "a_file" in _one_error_line(_cli(args), command)
+
+
+@pytest.mark.slow  # trains
+def test_an_override_of_the_model_shape_is_one_line(tmp_path, tiny_config) -> None:
+    paths = _synthetic(tmp_path / "data")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 2, "checkpoint_every": 2})
+    _trainer(config, tmp_path / "run", paths.train_csv).fit()
+    deeper = config.replace(train={"steps": 4})
+    deeper = type(deeper).from_dict({**deeper.to_dict(), "gpt2": {**deeper.to_dict()["gpt2"], "n_layer": 3}})
+    with pytest.raises(ValueError, match=r"none restores.*--override cannot change"):  # 7b0ac0c: AssertionError
+        _trainer(deeper, tmp_path / "run", paths.train_csv, override=True)
+    assert tmp_path.joinpath("run", "checkpoints", "ckpt-2.index").is_file()
+
+
+def test_caption_and_export_check_what_they_can_before_the_work(tmp_path, run_folder, photos, capsys) -> None:
+    # run_folder: 16 positions, so at most 15 new tokens (7b0ac0c: a traceback after loading the model).
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--max-new-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "--max-new-tokens 100" in err and "at most 15" in err
+    broken = tmp_path / "run"
+    shutil.copytree(run_folder, broken)
+    (broken / "tokenizer").mkdir()
+    (broken / "tokenizer" / "vocab.json").write_text("{oops")
+    (broken / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    assert main(["export", str(broken), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "vocab.json" in err and not list(tmp_path.glob(".sm*")) and not (tmp_path / "sm").exists()
+
+
+def test_an_export_the_disk_cannot_hold_leaves_nothing(tmp_path, run_folder, capsys, monkeypatch) -> None:
+    import keras
+    import tensorflow as tf
+
+    class FullDisk:  # TensorFlow's writer, stopped half-way through the variables
+        def track(self, model) -> None:
+            pass
+
+        def add_endpoint(self, *args, **kwargs) -> None:
+            pass
+
+        def write_out(self, path, **kwargs) -> None:
+            Path(path, "variables").mkdir(parents=True)
+            raise tf.errors.ResourceExhaustedError(None, None, f"{{{{function_node x}}}} {path}/variables/v; No space left on device")
+
+    monkeypatch.setattr(keras.export, "ExportArchive", FullDisk)
+    assert main(["export", str(run_folder), "--out", str(tmp_path / "sm")]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "No space left on device" in err and "function_node" not in err
+    assert not list(tmp_path.glob(".sm*")) and not (tmp_path / "sm").exists()  # 7b0ac0c left .sm.partial/
+
+
+def test_broken_run_files_are_named_not_tracebacks(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.checkpoints import prepare_run_dir
+    from gpt2_effnet.training.reporting import Reporter
+
+    config = tiny_config()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-1.index").write_bytes(b"x")
+    for name, data, named in (("config.yaml", bytes(300), "config.yaml"),  # NUL-filled
+                              ("config.yaml", b"\xff\xfe binary", "config.yaml")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=named):  # 7b0ac0c: yaml's ReaderError / UnicodeDecodeError
+            prepare_run_dir(tmp_path, config, {}, write=False)
+    config.save(tmp_path / "config.yaml")
+    (tmp_path / "run.json").write_text("{cut")
+    with pytest.raises(ValueError, match="run.json"):  # 7b0ac0c: JSONDecodeError naming no file
+        prepare_run_dir(tmp_path, config, {"train": {}}, write=False)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n[1, 2]\n\xff\xfe\n{"step": "x"}\n{"step": 3}\n')
+    dropped = Reporter(tmp_path, is_chief=True, show_progress=False).forget_metrics_after(2)
+    assert dropped == 3 and metrics.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+@pytest.mark.slow  # trains
+def test_a_run_stopped_before_its_first_checkpoint_does_not_refuse_the_corrected_data(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.training.loop import TrainingStopped
+
+    bad = _synthetic(tmp_path / "data", n=100, corrupt=150)
+    rows = bad.train_csv.read_text()
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 16, "steps": 6, "log_every": 4,
+                                                      "checkpoint_every": 6, "max_skip_rate": 0.2})
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="max_skip_rate"):
+        _trainer(config, run, bad.train_csv).fit()
+    assert not (run / "config.yaml").exists() and not (run / "run.json").exists()
+    # The same path, corrected: a new run (7b0ac0c: "a different config or data", data.train.sha1).
+    bad.train_csv.write_text("\n".join(line for line in rows.splitlines() if "bad" not in line) + "\n")
+    assert _trainer(config, run, bad.train_csv).fit().step == 6
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 6]  # one history: the stopped start's lines are gone
+
+
+def test_what_a_run_folder_lacks_is_said(tmp_path, tiny_config, caplog) -> None:
+    import logging
+
+    from gpt2_effnet.tokenizer import GPT2Tokenizer
+    from gpt2_effnet.training.checkpoints import RunConfigMismatch, prepare_run_dir
+
+    config = tiny_config()
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-4.index").write_bytes(b"x")
+    # config.yaml deleted: 7b0ac0c compared nothing and resumed with whatever it was given.
+    with pytest.raises(RunConfigMismatch, match="no config.yaml"):
+        prepare_run_dir(tmp_path, config, {}, write=False)
+    _, notes = prepare_run_dir(tmp_path, config, {}, override=True, write=False)
+    assert any("--override" in note for note in notes)
+    # A training run's vocabulary removed: decoded with GPT-2's, and said so.
+    (tmp_path / "run.json").write_text("{}")
+    with caplog.at_level(logging.WARNING):
+        GPT2Tokenizer.for_run(tmp_path)
+    assert any("no tokenizer/ folder" in r.getMessage() for r in caplog.records)
+
+
+def test_mostly_missing_images_stop_before_the_first_step(tmp_path, tiny_config) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError
+    from gpt2_effnet.training.sources import caption_source, make_tokenizer
+
+    paths = _synthetic(tmp_path / "data", n=4)
+    rows = paths.train_csv.read_text().splitlines() + [f"nowhere/{i}.jpg,a thing" for i in range(396)]
+    paths.train_csv.write_text("\n".join(rows) + "\n")
+    config = tiny_config(real_vocabulary=True, train={"batch_size": 4, "steps": 5})
+    with pytest.raises(CaptionFileError, match=r"396 of the 400 rows .* \(99% > train.max_skip_rate 10%"):
+        caption_source(config, make_tokenizer(config), csv=paths.train_csv)
+
+
+def test_caption_names_fifos_and_devices_instead_of_dropping_them(tmp_path, run_folder, photos, capsys) -> None:
+    folder = tmp_path / "mixed"
+    shutil.copytree(photos, folder)
+    os.mkfifo(folder / "pipe.png")
+    os.symlink("/dev/zero", folder / "zero.jpg")
+    assert main(["caption", "--checkpoint", str(run_folder), str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.strip().splitlines()) == 2
+    assert "pipe.png: a FIFO" in captured.err and "zero.jpg: a device" in captured.err, captured.err
+    assert main(["caption", "--checkpoint", str(run_folder), str(folder / "pipe.png")]) == 2  # named: never opened
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "a FIFO" in err
+
+
+def test_wrong_or_silent_inputs_are_refused(tmp_path, run_folder, photos, capsys) -> None:
+    from gpt2_effnet.data.captions import CaptionFileError, read_coco, read_csv
+    from gpt2_effnet.decoding import check_generation
+
+    with pytest.raises(ValueError, match="temperature must be >= 1e-06"):  # 7b0ac0c: captions of commas
+        check_generation({"do_sample": True, "temperature": 1e-45})
+    assert main(["caption", "--checkpoint", str(run_folder), str(photos), "--temperature", "1e-45"]) == 2
+    _one_line(capsys.readouterr().err)
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(ConfigError, match="empty.yaml: the config is empty"):  # 7b0ac0c: every default
+        CaptionerConfig.load(tmp_path / "empty.yaml")
+    (tmp_path / "q.csv").write_text('image,caption\na.jpg,"an open quote\nb.jpg,b\nc.jpg,c\n')
+    with pytest.raises(CaptionFileError, match=r"q.csv:4: malformed CSV"):  # 7b0ac0c: one row swallowing the rest
+        read_csv(tmp_path / "q.csv")
+    for images, named in (([{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}], "share id 1"),
+                          ([{"id": 1, "file_name": None}], "file names must be non-empty strings")):
+        (tmp_path / "c.json").write_text(json.dumps({"images": images, "annotations": [{"image_id": 1, "caption": "x"}]}))
+        with pytest.raises(CaptionFileError, match=named):  # 7b0ac0c: the last one kept / "None"
+            read_coco(tmp_path / "c.json")
+    references = tmp_path / "refs.csv"
+    references.write_text("image,caption\na.jpg,a dog\n")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"image": str(tmp_path / "a.jpg"), "caption": None}) + "\n")
+    for extra, named in (([], "p.jsonl:1: 'image' and 'caption' must be strings"), (["--limit", "-1"], "--limit")):
+        args = ["evaluate", "--predictions", str(predictions), "--csv", str(references), *extra]
+        assert main(args) == 2, extra  # 7b0ac0c: scored "None" / took --limit -1
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert named in err, err
+
+
+def test_messages_name_the_file(tmp_path, run_folder, photos, capsys) -> None:
+    from gpt2_effnet.captioner import Captioner
+    from gpt2_effnet.config import GPT2Config
+    from gpt2_effnet.data.captions import CaptionFileError, read_csv
+
+    (tmp_path / "b.yaml").write_bytes(b"\x89\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="b.yaml: not a text"):
+        CaptionerConfig.load(tmp_path / "b.yaml")
+    (tmp_path / "l.csv").write_bytes("image,caption\na.jpg,a dog\nb.jpg,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(CaptionFileError, match=r"l.csv:3: not UTF-8"):
+        read_csv(tmp_path / "l.csv")
+    (tmp_path / "config.json").write_text('{"vocab_size": 11, ')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        GPT2Config.from_hf_json(tmp_path / "config.json")
+    cut = tmp_path / "cut"
+    shutil.copytree(run_folder, cut)
+    (cut / "captioner.weights.h5").write_bytes((run_folder / "captioner.weights.h5").read_bytes()[:5000])
+    with pytest.raises(OSError, match="captioner.weights.h5"):
+        Captioner.load(cut)
+    (tmp_path / "junk.keras").write_bytes(os.urandom(3000))
+    assert main(["caption", "--checkpoint", str(tmp_path / "junk.keras"), str(photos)]) == 2
+    err = capsys.readouterr().err
+    _one_line(err)
+    assert "not a Keras archive" in err and "File not found" not in err
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"image": "a.jpg", "caption": "x"}\n{"image": \n')
+    (tmp_path / "refs.csv").write_text("image,caption\na.jpg,a dog\n")
+    assert main(["evaluate", "--predictions", str(lines), "--csv", str(tmp_path / "refs.csv")]) == 2
+    assert "p.jsonl:2" in capsys.readouterr().err
+
+
+def test_a_read_only_file_system_is_one_line(tmp_path, run_folder, photos, capsys, monkeypatch) -> None:
+    import errno
+    import pathlib
+
+    paths = _synthetic(tmp_path / "data", n=8)
+    (tmp_path / "c.yaml").write_text("train:\n  steps: 1\n")
+    read_only = tmp_path / "ro"
+    real_mkdir = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):  # as a read-only mount answers
+        if str(self).startswith(str(read_only)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    for argv in (["synthetic", "--out", str(read_only / "syn"), "--n", "2"],
+                 ["shards", "--csv", str(paths.train_csv), "--out", str(read_only / "sh")],
+                 ["train", "--config", str(tmp_path / "c.yaml"), "--csv", str(paths.train_csv), "--out", str(read_only / "run")],
+                 ["caption", "--checkpoint", str(run_folder), str(photos), "--attention", str(read_only / "att")]):
+        assert main(argv) == 2, argv  # 7b0ac0c: OSError tracebacks
+        err = capsys.readouterr().err
+        _one_line(err)
+        assert "Read-only file system" in err and str(read_only) in err, err

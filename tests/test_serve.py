@@ -5,10 +5,13 @@ headless Chromium."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import shutil
+import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -37,15 +40,11 @@ def run_dir(tmp_path_factory, tiny_config) -> Path:
     return model.save_pretrained(tmp_path_factory.mktemp("serve") / "run")
 
 
-@pytest.fixture(scope="module")
-def server(run_dir):
-    """The app on a free port of 127.0.0.1, in its own event loop thread."""
+@contextlib.contextmanager
+def _running(app):
+    """The app on a free port of 127.0.0.1, in its own event loop thread; yields its URL."""
     from aiohttp import web
 
-    from gpt2_effnet.serving.server import load_engine, make_app
-
-    engine = load_engine(str(run_dir), max_batch=4)
-    app = make_app(engine, max_batch=4, max_wait_ms=300.0, queue_size=16, max_bytes=MAX_BYTES)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app)
     ready = threading.Event()
@@ -63,10 +62,28 @@ def server(run_dir):
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     assert ready.wait(60)
-    yield f"http://127.0.0.1:{holder['port']}", app
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{holder['port']}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    from gpt2_effnet.serving.server import load_engine
+
+    return load_engine(str(run_dir), max_batch=4)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from gpt2_effnet.serving.server import make_app
+
+    app = make_app(engine, max_batch=4, max_wait_ms=300.0, queue_size=16, max_bytes=MAX_BYTES)
+    with _running(app) as url:
+        yield url, app
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -75,6 +92,18 @@ def _png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that is only its header: it announces width x height (Pillow refuses 20000 x 20000 as a bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def _image(seed: int, size: int = SIZE) -> bytes:
@@ -159,6 +188,10 @@ def test_concurrent_requests_share_a_decode_call(server) -> None:
     ("top_p nan", None, "top_p=nan", 400, "top_p: expected a number"),
     ("unknown setting", None, "colour=red", 400, "unknown setting 'colour'"),
     ("beams with sampling", None, "beams=2&top_p=0.9", 400, "cannot be combined"),
+    # issue 33 (7b0ac0c: 500 text/plain; 200 after a 9-beam decode; 400 with Pillow's text)
+    ("max_new_tokens past the positions", None, "max_new_tokens=500", 400, "max_new_tokens must be <="),
+    ("beams over the ceiling", None, "beams=9", 400, "beams must be <= 8"),
+    ("a bomb's header", None, "", 413, "over the limit of"),
 ])
 def test_bad_input_is_a_4xx_json_error_and_the_service_goes_on(server, name, data, query, status, named) -> None:
     url, _ = server
@@ -167,6 +200,7 @@ def test_bad_input_is_a_4xx_json_error_and_the_service_goes_on(server, name, dat
             "truncated": _image(3)[:80],
             "over the pixel limit": _image(3, size=60),
             "over the byte limit": _png(np.random.default_rng(5).integers(0, 255, (200, 200, 3))),
+            "a bomb's header": _png_header(20_000, 20_000),
         }.get(name, _image(3))
     got, body = _request(url + "/caption" + (f"?{query}" if query else ""), data)
     assert got == status, (name, body)
@@ -214,6 +248,7 @@ def test_the_page_in_a_real_browser(server, tmp_path) -> None:
     try:
         driver.get(url + "/")
         assert "gpt2-effnet" in driver.title
+        assert not driver.find_element(By.ID, "stage").is_displayed()  # no broken-image icon before an upload
         driver.find_element(By.ID, "file").send_keys(str(picture))
         WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#caption span"))
         words = driver.find_elements(By.CSS_SELECTOR, "#caption span")
@@ -230,6 +265,13 @@ def test_the_page_in_a_real_browser(server, tmp_path) -> None:
         assert painted > 320 * 320 // 2, painted  # the heat-map covers the picture
         driver.save_screenshot(str(tmp_path / "page.png"))
         assert (tmp_path / "page.png").stat().st_size > 10_000
+        # A request that fails (here: the network) says so instead of "captioning..." for ever.
+        driver.execute_script("window.fetch = () => Promise.reject(new Error('network down'));"
+                              "document.getElementById('file').value = '';")
+        driver.find_element(By.ID, "file").send_keys(str(picture))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "network down" in driver.find_element(By.ID, "error").text
+        assert driver.find_element(By.ID, "status").text == ""
     finally:
         driver.quit()
 
@@ -254,9 +296,9 @@ def test_serve_precision_reaches_every_decode(run_dir, monkeypatch, capsys) -> N
     monkeypatch.setattr(server_module, "load_engine", fake_engine)
     monkeypatch.setattr(server_module, "make_app", lambda engine, **kwargs: f"app of {engine}")
     monkeypatch.setattr(aiohttp.web, "run_app", lambda app, **kwargs: asked.update(app=app))
-    assert main(["serve", str(run_dir), "--precision", "bfloat16-head"]) == 0
+    assert main(["serve", str(run_dir), "--port", "0", "--precision", "bfloat16-head"]) == 0
     assert asked == {"run": str(run_dir), "precision": "bfloat16-head", "backbone": "float32", "app": "app of engine"}
-    assert main(["serve", str(run_dir), "--backbone-precision", "bfloat16"]) == 0
+    assert main(["serve", str(run_dir), "--port", "0", "--backbone-precision", "bfloat16"]) == 0
     assert asked == {"run": str(run_dir), "precision": "float32", "backbone": "bfloat16", "app": "app of engine"}
     with pytest.raises(SystemExit):  # argparse names the choices
         main(["serve", str(run_dir), "--precision", "float16"])
@@ -286,3 +328,196 @@ def test_serve_precision_reaches_every_decode(run_dir, monkeypatch, capsys) -> N
                                    backbone_precision="bfloat16", **kwargs)
         assert [r["caption"] for r in engine.caption(pixels, settings)] == expected
     assert seen == [("bfloat16-head", "bfloat16")] * 2
+
+
+# ------------------------------------------- one request cannot stall the others (issue 33)
+
+
+def _raw(url: str, head: bytes, body: bytes = b"", wait: float = 10.0) -> tuple[bytes, float]:
+    """Send ``head + body`` on a socket and return what comes back within ``wait`` s, and when."""
+    host, port = url.split("//")[1].split(":")
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=wait) as sock:
+        sock.sendall(head + body)
+        try:
+            answer = sock.recv(2000)
+        except socket.timeout:
+            answer = b""
+    return answer, time.perf_counter() - start
+
+
+def _limited_app(engine, **limits):
+    from gpt2_effnet.serving.server import Limits, make_app
+
+    values = dict(max_batch=4, max_wait_ms=300.0, queue=16, max_bytes=MAX_BYTES)
+    values.update(limits)
+    return make_app(engine, limits=Limits(**values))
+
+
+def test_the_body_is_bounded_by_its_header_and_by_time(engine) -> None:
+    with _running(_limited_app(engine, body_timeout=1.0)) as url:
+        image = _image(20)
+        huge = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000\r\n\r\n"
+        answer, took = _raw(url, huge, image[:50])
+        assert answer.startswith(b"HTTP/1.1 413") and b"Content-Length 1,000,000,000,000" in answer, answer
+        assert took < 5
+        partial = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(image)
+        answer, took = _raw(url, partial, image[:50])
+        assert answer.startswith(b"HTTP/1.1 408") and b"within 1 s" in answer, answer
+        assert took < 5
+        body, content_type = _multipart(image, {})
+        status, reply = _request(url + "/caption", body[: len(body) // 3] + b"\r\n--x--\r\n", content_type)
+        assert status == 400 and "malformed request body" in reply["error"], reply
+        assert _request(url + "/caption", image)[0] == 200
+
+
+def test_a_client_that_hangs_up_logs_no_traceback(engine, caplog) -> None:
+    import logging
+
+    with _running(_limited_app(engine)) as url:
+        image = _image(21)
+        with caplog.at_level(logging.DEBUG):
+            head = b"POST /caption HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(image)
+            host, port = url.split("//")[1].split(":")
+            with socket.create_connection((host, int(port))) as sock:
+                sock.sendall(head + image[:40])
+            time.sleep(1.0)
+            assert _request(url + "/caption", image)[0] == 200
+    tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+
+
+def test_overload_is_shed_before_uploads_are_decoded(engine, monkeypatch) -> None:
+    from gpt2_effnet.serving import server as server_module
+
+    release = threading.Event()
+    real_caption, real_read, decoded = engine.caption, server_module.read_image, []
+
+    def held_caption(pixels, settings):  # the worker stays busy until the test lets go
+        release.wait(60)
+        return real_caption(pixels, settings)
+
+    def counting_read(*args, **kwargs):
+        decoded.append(1)
+        return real_read(*args, **kwargs)
+
+    from gpt2_effnet.serving.server import Settings
+
+    real_caption(np.stack([real_read(_image(29), SIZE)]), Settings())  # compiled now, not while a request waits
+    monkeypatch.setattr(engine, "caption", held_caption)
+    monkeypatch.setattr(server_module, "read_image", counting_read)
+    with _running(_limited_app(engine, queue=2, max_wait_ms=0.0, queue_wait_ms=1000.0)) as url:
+        with ThreadPoolExecutor(4) as pool:
+            admitted = [pool.submit(_request, url + "/caption", _image(30 + i)) for i in range(2)]
+            deadline = time.time() + 30
+            while len(decoded) < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            start = time.perf_counter()
+            refused = list(pool.map(lambda i: _request(url + "/caption", _image(40 + i)), range(4)))
+            waited = time.perf_counter() - start
+            # A request waiting for a place gets it when one frees.
+            late = pool.submit(_request, url + "/caption", _image(50))
+            time.sleep(0.1)
+            release.set()
+            assert all(f.result(120)[0] == 200 for f in admitted)
+            assert late.result(120)[0] == 200
+    assert [status for status, _ in refused] == [503] * 4, refused
+    assert "busy" in refused[0][1]["error"] and 0.9 < waited < 5, waited  # after --queue-wait-ms, not at once
+    assert len(decoded) == 3  # 7b0ac0c decoded every refused upload before refusing it
+
+
+def test_uploads_are_decoded_within_a_pixel_budget(engine, monkeypatch) -> None:
+    from gpt2_effnet.serving import server as server_module
+
+    real_read, running, peak = server_module.read_image, [0], [0]
+    lock = threading.Lock()
+
+    def slow_read(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real_read(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(server_module, "read_image", slow_read)
+    # 40 x 40 = 1,600 pixels an upload: a budget of 2,000 decodes one at a time.
+    with _running(_limited_app(engine, decode_pixels=2000)) as url:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda seed: _request(url + "/caption", _image(seed, size=40)), range(50, 54)))
+    assert all(status == 200 for status, _ in results), results
+    assert peak[0] == 1, peak
+
+
+def test_beams_count_as_rows_and_programs_are_bounded(engine, monkeypatch) -> None:
+    from gpt2_effnet import decoding
+
+    rows: list[int] = []
+    library = decoding.generate_captions
+
+    def recording(model, images, **kwargs):
+        rows.append(len(images) * kwargs.get("num_beams", 1))
+        return library(model, images, **kwargs)
+
+    monkeypatch.setattr(decoding, "generate_captions", recording)
+    with _running(_limited_app(engine, max_programs=2)) as url:
+        with ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda seed: _request(url + "/caption?beams=2", _image(seed)), range(60, 64)))
+        assert all(status == 200 for status, _ in results), results
+        assert rows and max(rows) <= 4, rows  # --max-batch 4 rows a call (7b0ac0c: 4 requests x 2 beams = 8)
+        assert _request(url + "/caption?top_k=3", _image(64))[0] == 200  # a second program
+        status, body = _request(url + "/caption?top_k=4", _image(65))  # a third
+        assert status == 400 and "--max-programs" in body["error"], body
+        assert _request(url + "/caption?top_k=3&temperature=0.7", _image(66))[0] == 200  # same program, new values
+
+
+def test_a_sampled_caption_does_not_depend_on_its_batch(server) -> None:
+    url, _ = server
+    query = "/caption?top_p=0.9&seed=7"
+    target = _image(70)
+    alone = _request(url + query, target)
+    assert alone[0] == 200, alone
+    mixed = [target if i % 3 == 0 else _image(71 + i) for i in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda data: _request(url + query, data), mixed))
+    captions = {body["caption"] for (status, body), data in zip(results, mixed) if data is target}
+    assert all(status == 200 for status, _ in results)
+    assert captions == {alone[1]["caption"]}, captions
+
+
+def test_serve_checks_its_options_and_port_before_loading_the_model(run_dir, tmp_path, monkeypatch, capsys) -> None:
+    import aiohttp.web
+
+    from gpt2_effnet.cli import main
+    from gpt2_effnet.serving import server as server_module
+
+    loaded: list = []
+    real_load = server_module.load_engine
+    monkeypatch.setattr(server_module, "load_engine", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    monkeypatch.setattr(aiohttp.web, "run_app", lambda app, **kwargs: None)  # never serve for real here
+    for option, value in (("--max-wait-ms", "nan"), ("--max-wait-ms", "inf"), ("--max-wait-ms", "-1"),
+                          ("--max-batch", "0"), ("--max-beams", "0"), ("--body-timeout", "nan"),
+                          ("--port", "70000")):
+        assert main(["serve", str(run_dir), "--port", "0", option, value]) == 2, (option, value)
+        err = capsys.readouterr().err
+        assert err.count("gpt2-effnet serve:") == 1 and option in err and "Traceback" not in err, err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run_dir), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on" in err and "serving" not in err, err
+    assert not loaded
+    broken = tmp_path / "run"
+    shutil.copytree(run_dir, broken)
+    (broken / "tokenizer").mkdir(exist_ok=True)
+    (broken / "tokenizer" / "vocab.json").write_text("{not json")
+    (broken / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    assert main(["serve", str(broken), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("gpt2-effnet serve:") == 1 and "vocab.json" in err and "Traceback" not in err, err

@@ -109,8 +109,8 @@ _OPTION_NAMES = {
 }
 
 
-def _check_checkpoint(checkpoint: Path) -> tuple[int, int]:
-    """Image size and pixel limit of a run folder or .keras file; raises naming what is missing."""
+def _check_checkpoint(checkpoint: Path) -> Any:
+    """The config of a run folder (None for a .keras file: known once loaded); raises naming what is missing."""
     from ..captioner import CONFIG_FILE, WEIGHTS_FILE
     from ..config import CaptionerConfig
 
@@ -119,11 +119,20 @@ def _check_checkpoint(checkpoint: Path) -> tuple[int, int]:
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no {CONFIG_FILE} (not a run folder, or its run never started)")
         if not (checkpoint / WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"--checkpoint {checkpoint}: no {WEIGHTS_FILE} (the run has not saved weights yet)")
-        config = CaptionerConfig.load(checkpoint / CONFIG_FILE)
-        return config.model.image_size, config.train.max_image_pixels
+        return CaptionerConfig.load(checkpoint / CONFIG_FILE)
     if checkpoint.suffix != ".keras" or not checkpoint.is_file():
         raise FileNotFoundError(f"--checkpoint {checkpoint}: expected a run folder or a .keras file")
-    return 0, 0  # known once loaded
+    return None
+
+
+def _check_length(config: Any, max_new_tokens: int | None) -> None:
+    """--max-new-tokens against the model's positions (BOS takes one), before any image is read."""
+    limit = config.gpt2.n_positions - 1
+    if max_new_tokens is not None and max_new_tokens > limit:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} is more than this model can write: it has {config.gpt2.n_positions} "
+            f"positions, one of them BOS, so at most {limit}"
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -152,14 +161,19 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--attention {args.attention} is a file; give a folder for the pictures")
         paths, unusable = find_images(args.inputs, args.recursive)
         checkpoint = Path(args.checkpoint)
-        size, max_pixels = _check_checkpoint(checkpoint)
+        config = _check_checkpoint(checkpoint)
+        if config is not None:
+            _check_length(config, args.max_new_tokens)
     except (ValueError, NotImplementedError, FileNotFoundError) as err:  # ConfigError is a ValueError
         message = str(err).splitlines()[0]
         for keyword, option in _OPTION_NAMES.items():
             message = message.replace(keyword, option)
         return fail(message)
     if not paths:
-        return fail("no image files found" + (f" ({len(unusable)} broken link(s))" if unusable else ""))
+        if unusable:
+            return fail(f"no image files found; {len(unusable)} unusable: " +
+                        "; ".join(f"{path}: {reason}" for path, reason in unusable[:3]))
+        return fail("no image files found")
     try:
         model = Captioner.load(checkpoint)
         tokenizer = _load_tokenizer(args, model.decoder.num_special_tokens)
@@ -168,6 +182,10 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"cannot load --checkpoint {checkpoint}: {first}")
     config = model.captioner_config
     size, max_pixels = config.model.image_size, config.train.max_image_pixels
+    try:
+        _check_length(config, args.max_new_tokens)  # a .keras file: known once loaded
+    except ValueError as err:
+        return fail(str(err))
     if args.explain:
         from ..decoding import plan_for
 

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.directory is not None and args.directory.exists() and not args.directory.is_dir():
+        print(f"gpt2-effnet download: --dir {args.directory} is a file; give a folder", file=sys.stderr)
+        return 2
     try:
         paths = download(
             args.model,

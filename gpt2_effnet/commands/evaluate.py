@@ -41,18 +41,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_predictions(path: Path) -> dict[str, str]:
-    """``image -> caption`` from the caption command's JSON lines or CSV."""
+    """``image -> caption`` from the caption command's JSON lines or CSV; errors name the line."""
     import csv
 
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    numbered: list[tuple[int, Any]] = []
     try:
-        return {str(Path(r["image"])): str(r["caption"]) for r in rows}
-    except KeyError as err:
-        raise ValueError(f"{path}: every row needs 'image' and 'caption' fields (missing {err})") from None
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                numbered = [(reader.line_num, row) for row in reader]
+        else:
+            for number, line in enumerate(path.read_bytes().decode("utf-8").splitlines(), start=1):
+                if line.strip():
+                    try:
+                        numbered.append((number, json.loads(line)))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not a JSON line ({err})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    predictions = {}
+    for number, row in numbered:
+        if not isinstance(row, dict) or "image" not in row or "caption" not in row:
+            raise ValueError(f"{path}:{number}: every row needs 'image' and 'caption' fields")
+        if not isinstance(row["image"], str) or not isinstance(row["caption"], str):
+            raise ValueError(
+                f"{path}:{number}: 'image' and 'caption' must be strings, got {row['image']!r:.60} and "
+                f"{row['caption']!r:.60} (a caption the captioner could not write is left out, not null)"
+            )
+        predictions[str(Path(row["image"]))] = row["caption"]
+    return predictions
 
 
 def match_predictions(images: Sequence[str], predictions: Mapping[str, str], by_name: bool = False) -> dict[str, str]:
@@ -120,6 +137,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.beams is not None and args.beams < 1:
             raise ValueError(f"--beams must be >= 1, got {args.beams}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1 (images to evaluate), got {args.limit}")
         captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
     except (CaptionFileError, FileNotFoundError, ValueError) as err:
         print(f"gpt2-effnet evaluate: {err}", file=sys.stderr)

@@ -10,6 +10,7 @@ TensorFlow Serving loads the folder as one version of a model (put it under
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -61,8 +62,18 @@ def main(args: argparse.Namespace) -> int:
         check_generation(kwargs)
     except (ValueError, NotImplementedError) as err:
         return fail(str(err))
+    import tensorflow as tf
+
     from ..serving.export import export_saved_model
 
-    info = export_saved_model(run, out, batch_size=args.batch_size, seed=args.seed, **kwargs)
+    try:
+        info = export_saved_model(run, out, batch_size=args.batch_size, seed=args.seed, **kwargs)
+    except tf.errors.OpError as err:  # TensorFlow writing the SavedModel: a full or read-only disk
+        message = re.sub(r"\{\{[^}]*\}\}\s*", "", err.message).strip()  # TensorFlow's function-node prefix
+        reason = message.splitlines()[0].rsplit("; ", 1)[-1] if message else type(err).__name__
+        return fail(f"writing {out} failed ({reason}); nothing was left behind")
+    except (OSError, ValueError) as err:  # the run's config, weights or vocabulary
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return fail(f"cannot export {run}: {first}")
     print(f"exported {run} -> {info['path']} in {info['seconds']:.1f} s ({info['bytes'] / 1e6:.1f} MB)", file=sys.stderr)
     return 0

@@ -61,9 +61,17 @@ def write_main(args: argparse.Namespace) -> int:
     from ..data.shard_index import IndexedShard, format_index_file
     from ..data.shards import write_shards
 
-    captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
-    print(captions.summary())
-    result = write_shards(captions, args.out, args.per_shard, args.prefix)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"gpt2-effnet shards: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
+
+    try:
+        captions = read_captions(args.csv, args.coco, args.images, args.image_column, args.caption_column)
+        print(captions.summary())
+        result = write_shards(captions, args.out, args.per_shard, args.prefix)
+    except ValueError as err:  # CaptionFileError is one; so is "no samples written"
+        print(f"gpt2-effnet shards: {err}", file=sys.stderr)
+        return 2
     print(result.summary())
     index = Path(args.out) / "index.tsv"
     counts = [sum(1 for _ in open(i)) - 1 for i in result.indexes]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from ..data.synthetic import write_synthetic
 
@@ -20,8 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    paths = write_synthetic(args.out, args.n, args.size, args.seed, args.captions_per_image,
-                            args.val_fraction, args.format, shards_per=args.shards or None)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"gpt2-effnet synthetic: --out {args.out} is a file; give a folder", file=sys.stderr)
+        return 2
+    try:
+        paths = write_synthetic(args.out, args.n, args.size, args.seed, args.captions_per_image,
+                                args.val_fraction, args.format, shards_per=args.shards or None)
+    except ValueError as err:
+        print(f"gpt2-effnet synthetic: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.n} images to {paths.image_dir}")
     print(f"captions: {paths.train_csv} and {paths.val_csv}")
     if paths.shards:

@@ -79,36 +79,56 @@ def read_csv(
     base = Path(image_dir) if image_dir is not None else path.parent
     if not path.is_file():
         raise FileNotFoundError(f"caption CSV {str(path)!r} does not exist")
+    pairs: list[Pair] = []
+    blank = 0
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise CaptionFileError(f"{path}: the CSV is empty (no header row)")
-        header = [h.strip() for h in header]
-        absent = [c for c in (image_column, caption_column) if c not in header]
-        if absent:
+        # strict: an unterminated quote is an error, not a field that swallows every row after it
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise CaptionFileError(f"{path}: the CSV is empty (no header row)")
+            header = [h.strip() for h in header]
+            absent = [c for c in (image_column, caption_column) if c not in header]
+            if absent:
+                raise CaptionFileError(
+                    f"{path}: no column {' or '.join(repr(c) for c in absent)}; "
+                    f"the CSV has columns {header}. Name the right ones with --image-column / --caption-column."
+                )
+            i_img, i_cap = header.index(image_column), header.index(caption_column)
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) <= max(i_img, i_cap):
+                    raise CaptionFileError(f"{path}:{reader.line_num}: row has {len(row)} fields, expected {len(header)}")
+                image, text = row[i_img].strip(), row[i_cap].strip()
+                if not image:
+                    raise CaptionFileError(f"{path}:{reader.line_num}: empty {image_column!r} value")
+                if not text:
+                    blank += 1
+                    continue
+                pairs.append((_resolve(image, base), text))
+        except UnicodeDecodeError as err:
             raise CaptionFileError(
-                f"{path}: no column {' or '.join(repr(c) for c in absent)}; "
-                f"the CSV has columns {header}. Name the right ones with --image-column / --caption-column."
-            )
-        i_img, i_cap = header.index(image_column), header.index(caption_column)
-        pairs: list[Pair] = []
-        blank = 0
-        for lineno, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) <= max(i_img, i_cap):
-                raise CaptionFileError(f"{path}:{lineno}: row has {len(row)} fields, expected {len(header)}")
-            image, text = row[i_img].strip(), row[i_cap].strip()
-            if not image:
-                raise CaptionFileError(f"{path}:{lineno}: empty {image_column!r} value")
-            if not text:
-                blank += 1
-                continue
-            pairs.append((_resolve(image, base), text))
+                f"{path}:{_first_undecodable_line(path)}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                "save the CSV as UTF-8"
+            ) from None
+        except csv.Error as err:
+            raise CaptionFileError(f"{path}:{reader.line_num}: malformed CSV ({err})") from None
     if not pairs:
         raise CaptionFileError(f"{path}: no caption rows")
     return CaptionSet(tuple(pairs), find_missing([p for p, _ in pairs]), str(path), blank)
+
+
+def _first_undecodable_line(path: Path) -> int:
+    """The line a UTF-8 decoder stops at (the reader decodes ahead, so it cannot say)."""
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
 
 
 def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = None) -> CaptionSet:
@@ -122,7 +142,7 @@ def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
             data = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"COCO caption file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CaptionFileError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         keys = sorted(data) if isinstance(data, dict) else type(data).__name__
@@ -131,10 +151,24 @@ def read_coco(path: str | os.PathLike, image_dir: str | os.PathLike | None = Non
         if not isinstance(data[key], list):
             raise CaptionFileError(f"{path}: '{key}' must be a list, got {type(data[key]).__name__}")
     files: dict[int, str] = {}
+    first_index: dict[int, int] = {}
     for i, image in enumerate(data["images"]):
         if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
             raise CaptionFileError(f"{path}: images[{i}] needs 'id' and 'file_name', got {image!r:.200}")
-        files[image["id"]] = _resolve(str(image["file_name"]), base)
+        name = image["file_name"]
+        if not isinstance(name, str) or not name.strip():
+            raise CaptionFileError(f"{path}: images[{i}] has file_name {name!r:.100}; file names must be non-empty strings")
+        try:
+            resolved, earlier = _resolve(name, base), files.get(image["id"])
+        except TypeError:  # an id that cannot be a key (a list, a mapping)
+            raise CaptionFileError(f"{path}: images[{i}] has id {image['id']!r:.100}; ids must be numbers or strings") from None
+        if earlier is not None and earlier != resolved:
+            raise CaptionFileError(
+                f"{path}: images[{first_index[image['id']]}] and images[{i}] share id {image['id']!r} "
+                f"but name different files ({earlier}, {resolved}); captions would go to the last one"
+            )
+        files[image["id"]] = resolved
+        first_index.setdefault(image["id"], i)
     pairs: list[Pair] = []
     blank = 0
     for i, ann in enumerate(data["annotations"]):

@@ -25,6 +25,10 @@ NEG_INF = float("-inf")
 # keeps tie-breaking among impossible candidates identical.
 IMPOSSIBLE = -1.0e9
 
+# Logits are divided by the temperature in float32: at 1e-45 (a float32 denormal) they became
+# inf and the captions ",,,,"; at 1e-6 any logit gap over 1e-5 is already a greedy choice.
+MIN_TEMPERATURE = 1e-6
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -78,8 +82,11 @@ class GenerationConfig:
             object.__setattr__(self, name, float(value))
         if not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
-        if not self.temperature > 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.temperature >= MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be >= {MIN_TEMPERATURE:g} (a smaller one divides the logits out of float32's "
+                f"range; at that size sampling is greedy already), got {self.temperature:g}"
+            )
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check_precision(self.precision)

@@ -17,6 +17,7 @@ chunks of ``batch_size`` (the loop is traced once, at that static size).
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -214,8 +215,6 @@ def export_saved_model(
     module = CaptionModule(model, tokenizer, batch_size=batch_size, seed=seed, **generation)
     partial = out_dir.with_name(f".{out_dir.name}.partial")
     if partial.exists():
-        import shutil
-
         shutil.rmtree(partial)
     # Keras' ExportArchive tracks the model's variables the way TF Serving's (TF1-style)
     # loader restores them; a plain tf.saved_model.save of the same function loads in
@@ -223,10 +222,14 @@ def export_saved_model(
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", module.serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    archive.write_out(str(partial), verbose=False)
-    if out_dir.exists():
-        raise FileExistsError(f"{out_dir} exists already; remove it or export elsewhere")
-    partial.rename(out_dir)
+    try:
+        archive.write_out(str(partial), verbose=False)
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} exists already; remove it or export elsewhere")
+        partial.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full or read-only disk leaves no half an export
+        raise
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return {"seconds": time.perf_counter() - start, "bytes": size, "path": str(out_dir)}
 

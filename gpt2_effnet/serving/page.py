@@ -9,6 +9,7 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>gpt2-effnet captioner</title>
 <style>
+  [hidden] { display: none !important; }
   body { font-family: system-ui, sans-serif; max-width: 46rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
   #drop { border: 2px dashed #999; border-radius: 8px; padding: 1.2rem; text-align: center; }
   #drop.over { border-color: #06c; background: #eef5ff; }
@@ -88,10 +89,17 @@ async function send(blob) {
   showHeat(-1);
   const form = new FormData();
   form.append("image", blob, "upload");
-  const response = await fetch("/caption?attention=1&beams=" + encodeURIComponent($("beams").value), { method: "POST", body: form });
-  const body = await response.json();
-  if (!response.ok) { $("status").textContent = ""; $("error").textContent = body.error; return; }
-  showCaption(body);
+  try {
+    const response = await fetch("/caption?attention=1&beams=" + encodeURIComponent($("beams").value), { method: "POST", body: form });
+    const text = await response.text();
+    let body;
+    try { body = JSON.parse(text); } catch (err) { body = { error: text.slice(0, 200) || response.statusText }; }
+    if (!response.ok) { throw new Error(body.error || ("the service answered " + response.status)); }
+    showCaption(body);
+  } catch (err) {
+    $("status").textContent = "";
+    $("error").textContent = "could not caption this image: " + err.message;
+  }
 }
 
 $("file").addEventListener("change", (e) => { if (e.target.files[0]) send(e.target.files[0]); });

@@ -10,14 +10,18 @@ Layout of ``RUN_DIR``::
     logs/train, logs/val     TensorBoard scalars
     metrics.jsonl            one JSON line per logged step (and per validation)
 
-A rerun of the same command finds ``config.yaml`` and the checkpoints and resumes; a rerun
-with a different config stops with the differing keys named, unless told to override.
+A rerun of the same command finds ``config.yaml`` and the checkpoints and resumes from the
+newest checkpoint that restores (a deleted or corrupt newer one is named and skipped); a
+rerun with a different config stops with the differing keys named, unless told to
+override. A folder that holds a trained run's files but no checkpoint that restores is
+never silently trained over from step 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
+from ..atomic import naming
 from ..captioner import CONFIG_FILE, WEIGHTS_FILE
 from ..config import CaptionerConfig
 
@@ -57,6 +62,62 @@ class RunConfigMismatch(ValueError):
 
 class OutOfSpace(OSError):
     """The disk cannot hold the next checkpoint; nothing of it was left behind."""
+
+
+class CheckpointUnusable(ValueError):
+    """The run folder holds checkpoints, but none of them restores into this model."""
+
+
+def checkpoint_steps(directory: str | os.PathLike) -> list[int]:
+    """Steps of the checkpoints whose index file is in ``directory``, newest first.
+
+    Read from the files, not from TensorFlow's state file: a user who deletes the newest
+    checkpoint's files to go back one leaves the state file naming it.
+    """
+    steps = []
+    for index in Path(directory).glob(f"{CHECKPOINT_PREFIX}-*.index"):
+        number = index.name[len(CHECKPOINT_PREFIX) + 1 : -len(".index")]
+        if number.isdigit():
+            steps.append(int(number))
+    return sorted(steps, reverse=True)
+
+
+def _state_file(directory: Path) -> Path:
+    return directory / "checkpoint"
+
+
+def _steps_in_state(directory: Path) -> tuple[list[int], bool]:
+    """Steps TensorFlow's state file names, and whether the file reads as one (absent: ``[], True``)."""
+    path = _state_file(directory)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return [], True
+    except (OSError, UnicodeDecodeError):
+        return [], False
+    lines = [line for line in text.splitlines() if line.strip()]
+    readable = all(re.fullmatch(r"\s*\w+\s*:\s*\S.*", line) for line in lines)
+    named = {int(m) for m in re.findall(rf"{CHECKPOINT_PREFIX}-(\d+)\"", text)}
+    return sorted(named, reverse=True), readable
+
+
+def _write_state(directory: Path, steps: list[int]) -> None:
+    """TensorFlow's state file for these checkpoints (oldest first), as its CheckpointManager writes it."""
+    lines = []
+    if steps:
+        lines.append(f'model_checkpoint_path: "{CHECKPOINT_PREFIX}-{steps[-1]}"')
+    lines += [f'all_model_checkpoint_paths: "{CHECKPOINT_PREFIX}-{step}"' for step in steps]
+    lines += [
+        f"all_model_checkpoint_timestamps: {(directory / f'{CHECKPOINT_PREFIX}-{step}.index').stat().st_mtime}"
+        for step in steps
+    ]
+    lines.append("last_preserved_timestamp: 0.0")
+    _write_atomic(_state_file(directory), "\n".join(lines) + "\n")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -98,10 +159,21 @@ def prepare_run_dir(
     config_path = run_dir / CONFIG_FILE
     info_path = run_dir / RUN_FILE
     notes: list[str] = []
+    checkpoints = run_dir / CHECKPOINT_DIR
+    has_checkpoints = bool(checkpoint_steps(checkpoints))
+    if not has_checkpoints:
+        _refuse_fresh_start(run_dir)
+    if has_checkpoints and not config_path.is_file():
+        if not override:
+            raise RunConfigMismatch(
+                f"{run_dir} holds checkpoints but no {CONFIG_FILE}, so this config cannot be checked against "
+                f"the run's; put the run's {CONFIG_FILE} back, or use --override to resume with this config"
+            )
+        notes.append(f"--override: {run_dir} has no {CONFIG_FILE} to compare with; resuming with this config")
     if config_path.is_file():
-        saved = yaml.safe_load(config_path.read_text()) or {}
+        saved = _read_mapping(config_path, yaml.safe_load, "YAML")
         diffs = differences(saved, config.to_dict())
-        saved_info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        saved_info = _read_mapping(info_path, json.loads, "JSON") if info_path.is_file() else {}
         data_diffs = differences({"data": saved_info}, {"data": dict(run_info)}) if saved_info else {}
         free_keys = set(RESUME_FREE_KEYS)
         if saved.get("optim", {}).get("schedule") == "cosine" and saved.get("optim", {}).get("decay_steps") is None:
@@ -122,6 +194,31 @@ def prepare_run_dir(
     if write:
         write_run_files(run_dir, config, run_info)
     return config, notes
+
+
+def _refuse_fresh_start(run_dir: Path) -> None:
+    """A trained run's files without a checkpoint: starting at step 0 would overwrite them."""
+    checkpoints = run_dir / CHECKPOINT_DIR
+    named, _ = _steps_in_state(checkpoints)
+    left = [name for name, present in ((WEIGHTS_FILE, (run_dir / WEIGHTS_FILE).is_file()),
+                                       (f"{CHECKPOINT_DIR}/checkpoint naming {', '.join(f'{CHECKPOINT_PREFIX}-{s}' for s in named)}",
+                                        bool(named))) if present]
+    if left:
+        raise CheckpointUnusable(
+            f"{run_dir} holds a trained run ({' and '.join(left)}) but no checkpoint files to resume from; "
+            "a new run there would overwrite it: train into another --out, or move those files away to start over"
+        )
+
+
+def _read_mapping(path: Path, parse: Any, kind: str) -> dict[str, Any]:
+    """A run file's mapping (``parse``: yaml.safe_load or json.loads); RunConfigMismatch naming it otherwise."""
+    try:
+        data = parse(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+        raise RunConfigMismatch(f"{path}: not readable {kind} ({_first_line(err)})") from None
+    if not isinstance(data, dict):
+        raise RunConfigMismatch(f"{path}: expected a {kind} mapping, got {type(data).__name__}")
+    return data
 
 
 def write_run_files(run_dir: str | os.PathLike, config: CaptionerConfig, run_info: Mapping[str, Any]) -> None:
@@ -152,8 +249,13 @@ def _nbytes(variables: Any) -> int:
 def _write_atomic(path: Path, text: str) -> None:
     """Other workers may read the file while the chief writes it; they must never see half of it."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        with naming(path):
+            partial.write_text(text)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
+        raise
 
 
 class RunState(tf.Module):
@@ -190,6 +292,9 @@ class Checkpointer:
         self.is_chief = is_chief
         self.checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, state=state)
         self.directory = self.run_dir / CHECKPOINT_DIR
+        self.keep = keep
+        self.notes: list[str] = []  # what restore_latest() skipped, and why
+        self.skipped_newer = False
         self._read_manager = tf.train.CheckpointManager(
             self.checkpoint, str(self.directory), max_to_keep=keep, checkpoint_name=CHECKPOINT_PREFIX
         )
@@ -207,12 +312,52 @@ class Checkpointer:
         return tf.train.latest_checkpoint(str(self.directory))
 
     def restore_latest(self) -> str | None:
-        """Restore the newest checkpoint if there is one; return its path."""
-        path = self.latest
-        if path is not None:
-            # Everything saved must find its object: a silent partial restore would resume garbage.
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        return path
+        """Restore the newest checkpoint that restores; return its path (None: the folder has none).
+
+        Newer checkpoints that are gone (deleted files TensorFlow's state file still names)
+        or do not restore (cut, zeroed, another model's shape) are skipped, each named with
+        its reason in :attr:`notes`; the state file is then rewritten to the checkpoints
+        kept, so the next saves go on from the one restored. Raises
+        :class:`CheckpointUnusable` when checkpoints exist but none restores.
+        """
+        self.notes, self.skipped_newer = [], False
+        steps = checkpoint_steps(self.directory)
+        named, readable = _steps_in_state(self.directory)
+        if not readable:
+            self.notes.append(f"{_state_file(self.directory)} is not a checkpoint list; read the checkpoints from their files")
+        gone = [step for step in named if step not in steps]
+        failures: list[str] = []
+        for step in steps:
+            path = str(self.directory / f"{CHECKPOINT_PREFIX}-{step}")
+            try:
+                # Everything saved must find its object: a silent partial restore would resume garbage.
+                self.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as err:  # a cut or zeroed file, or another model's shape: try the one before
+                failures.append(f"{CHECKPOINT_PREFIX}-{step} does not restore ({_first_line(err)})")
+                continue
+            newer_gone = [f"{CHECKPOINT_PREFIX}-{g} has no files (deleted?)" for g in gone if g > step]
+            skipped = newer_gone + failures
+            if skipped:
+                self.skipped_newer = True
+                self.notes.append(f"skipped newer checkpoint(s): {'; '.join(skipped)}")
+            if self.is_chief and (skipped or gone or not readable):
+                _write_state(self.directory, sorted(s for s in steps if s <= step))
+                self._reopen_managers()
+            return path
+        if failures:
+            raise CheckpointUnusable(
+                f"{self.directory} holds {len(steps)} checkpoint(s) but none restores into this model: "
+                f"{'; '.join(failures)}. Nothing was overwritten; train into another --out to start afresh"
+            )
+        return None
+
+    def _reopen_managers(self) -> None:
+        """Managers re-read the state file: their list of checkpoints to keep starts from the one restored."""
+        self._read_manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.directory), max_to_keep=self.keep, checkpoint_name=CHECKPOINT_PREFIX
+        )
+        if self._scratch is None:
+            self._write_manager = self._read_manager
 
     def bytes_needed(self) -> int:
         """What one save writes: the checkpoint (model + optimizer state) and the exported weights."""
@@ -260,13 +405,14 @@ class Checkpointer:
         return path
 
     def refresh_weights(self) -> bool:
-        """Re-export the weights if they are missing or older than the newest checkpoint (a save cut short)."""
+        """Re-export the weights if they are missing, older than the newest checkpoint (a save cut
+        short), or from a newer checkpoint that :meth:`restore_latest` skipped."""
         latest = self.latest
         weights = self.run_dir / WEIGHTS_FILE
         if not self.is_chief or latest is None:
             return False
         stamp = Path(latest + ".index").stat().st_mtime
-        if weights.is_file() and weights.stat().st_mtime >= stamp:
+        if weights.is_file() and weights.stat().st_mtime >= stamp and not self.skipped_newer:
             return False
         self.export_weights(self.run_dir)
         return True

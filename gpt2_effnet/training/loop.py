@@ -9,6 +9,7 @@ see (:mod:`.reporting`) and Ctrl-C. Read :meth:`Trainer.fit` for the whole story
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import sys
 import threading
@@ -20,14 +21,17 @@ from typing import Any, Callable, Mapping
 import keras
 import tensorflow as tf
 
-from ..captioner import WEIGHTS_FILE, Captioner
+from ..captioner import CONFIG_FILE, WEIGHTS_FILE, Captioner
 from ..config import CaptionerConfig
 from ..tokenizer import RUN_TOKENIZER_DIR
 from . import distribute
 from .checkpoints import (
     CHECKPOINT_DIR,
+    RUN_FILE,
+    CheckpointUnusable,
     Checkpointer,
     RunState,
+    checkpoint_steps,
     clean_leftovers,
     prepare_run_dir,
     write_run_files,
@@ -111,8 +115,8 @@ class Trainer:
         self.run_info = {"train": dict(data.description)}
         if validation is not None:
             self.run_info["validation"] = dict(validation.description)
-        # Checked now, written only once the first step has run (_start_run_files): a run
-        # that fails before it leaves no config behind to refuse the corrected rerun.
+        # Checked now, written only with the first checkpoint (_start_run_files): a run that
+        # stops before it leaves no config behind to refuse the corrected rerun.
         self.config, notes = prepare_run_dir(self.run_dir, config, self.run_info, override=override, write=False)
         self._run_files_written = False
         for note in notes:
@@ -143,10 +147,10 @@ class Trainer:
         # The config may say "auto"; this is what this machine computes in.
         self.precision = resolve_precision(cfg.precision)
         self.state = RunState()
-        latest = tf.train.latest_checkpoint(str(self.run_dir / CHECKPOINT_DIR))
+        fresh = not checkpoint_steps(self.run_dir / CHECKPOINT_DIR)
         keras.utils.set_random_seed(cfg.seed)
         with self.strategy.scope():
-            self.model = self._build_model(gpt2 if latest is None else None, pretrained_backbone=latest is None)
+            self.model = self._build_model(gpt2 if fresh else None, pretrained_backbone=fresh)
             self.optimizer = build_optimizer(self.config.optim, self.total_steps, self.precision)
             self.optimizer.build(self.model.trainable_variables)
         self.checkpointer = Checkpointer(
@@ -159,9 +163,18 @@ class Trainer:
             worker_index=self.worker.index,
         )
         self.resumed_from: int | None = None
-        restored = self.checkpointer.restore_latest()
+        try:
+            restored = self.checkpointer.restore_latest()
+        except CheckpointUnusable as err:
+            if any(note.startswith("--override") for note in notes):
+                raise CheckpointUnusable(
+                    f"{err} (--override cannot change what the weights' shapes depend on, e.g. gpt2.*)"
+                ) from None
+            raise
+        for note in self.checkpointer.notes:
+            self.say(note)
         if restored is not None and self.checkpointer.refresh_weights():
-            self.say(f"re-exported {WEIGHTS_FILE} from {restored} (the last save was cut short)")
+            self.say(f"re-exported {WEIGHTS_FILE} from {restored}, the checkpoint resumed from")
         if restored is not None:
             self.resumed_from = int(self.state.step.numpy())
             self.say(
@@ -189,16 +202,36 @@ class Trainer:
             self.lock.release()
 
     def _start_run_files(self) -> None:
-        """config.yaml, run.json and the vocabulary, once the run has really started."""
+        """The vocabulary, run.json and config.yaml, with the run's first checkpoint.
+
+        Before it the folder holds nothing to resume, so a rerun with corrected data or
+        config starts afresh: a vocabulary left by such a stopped start is replaced, and
+        if the first checkpoint cannot be written these files go again.
+        """
         if self._run_files_written:
             return
         self._run_files_written = True
         if not self.is_chief:
             return
-        write_run_files(self.run_dir, self.config, self.run_info)
         tokenizer_dir = self.run_dir / RUN_TOKENIZER_DIR
-        if self.data.tokenizer is not None and not tokenizer_dir.exists():
-            self.data.tokenizer.save(tokenizer_dir)
+        if self.data.tokenizer is not None and self.resumed_from is None and tokenizer_dir.is_dir():
+            shutil.rmtree(tokenizer_dir)
+        try:
+            if self.data.tokenizer is not None and not tokenizer_dir.exists():
+                self.data.tokenizer.save(tokenizer_dir)
+            write_run_files(self.run_dir, self.config, self.run_info)
+        except BaseException:
+            self._undo_run_files()
+            raise
+
+    def _undo_run_files(self) -> None:
+        """A fresh run whose first checkpoint failed: its run files would describe nothing."""
+        self._run_files_written = False
+        if not self.is_chief or self.resumed_from is not None or checkpoint_steps(self.run_dir / CHECKPOINT_DIR):
+            return
+        shutil.rmtree(self.run_dir / RUN_TOKENIZER_DIR, ignore_errors=True)
+        for name in (CONFIG_FILE, RUN_FILE):
+            (self.run_dir / name).unlink(missing_ok=True)
 
     # -- set-up --------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -239,10 +272,13 @@ class Trainer:
             f"({self.per_replica_batch} per replica, {cfg.grad_accum_steps} micro-batch(es)), "
             f"steps per epoch {self.steps_per_epoch or 'unknown'}, total steps {self.total_steps or 'unknown'}"
         )
-        if self.resumed_from is not None:
-            self.reporter.forget_metrics_after(self.step)
-            self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
         try:
+            # On a fresh start, lines of an earlier one that stopped before its first checkpoint go too.
+            unreadable = self.reporter.forget_metrics_after(self.step if self.resumed_from is not None else 0)
+            if unreadable:
+                self.say(f"dropped {unreadable} unreadable line(s) from {self.run_dir / 'metrics.jsonl'}")
+            if self.resumed_from is not None:
+                self.reporter.append_metrics({"event": "resume", "step": self.step, "epoch": self.epoch})
             while not self._finished() and self._stop is None:
                 if self._train_epoch(window, history):
                     self._end_epoch()
@@ -255,7 +291,6 @@ class Trainer:
                 history.append(self.validate())
             if self._last_saved != self.step or self._stop is not None:
                 self._check_finite(window)
-                self._start_run_files()
                 self.save()
             if self._stop is not None:
                 self.say(f"{self._stop}: saved {self._last_path} at step {self.step}; rerun the same command to resume")
@@ -283,7 +318,6 @@ class Trainer:
             outputs = self.train_step(optional.get_value(), self._signal_vote)
             window.add(outputs, waited)
             self._agree_to_stop(outputs[3])
-            self._start_run_files()
             self.step += 1
             self.batch_in_epoch += 1
             self.reporter.step_done()
@@ -356,7 +390,13 @@ class Trainer:
         self.state.epoch.assign(self.epoch)
         self.state.batch_in_epoch.assign(self.batch_in_epoch)
         self.state.best_val_loss.assign(self._best_val)
-        self._last_path, self._last_saved = self.checkpointer.save(self.step), self.step
+        self._start_run_files()
+        try:
+            self._last_path = self.checkpointer.save(self.step)
+        except BaseException:
+            self._undo_run_files()
+            raise
+        self._last_saved = self.step
         return self._last_path
 
     def validate(self) -> dict[str, Any]:
@@ -404,11 +444,15 @@ class Trainer:
         return status
 
     def _check_skip_rate(self, skips: Mapping[str, Any]) -> None:
-        """Stop a run whose data is mostly unusable: once 200 samples were read (or a whole
-        epoch of a smaller set), more than ``train.max_skip_rate`` of them skipped."""
+        """Stop a run whose data is mostly unusable: more than ``train.max_skip_rate`` of the
+        samples read skipped, once 200 were read (or a whole epoch of a smaller set), or
+        sooner when the count is already three standard deviations over the limit (a set
+        that is mostly broken stops at its first log line, before anything is saved)."""
         limit = self.config.train.max_skip_rate
         enough = min(200, self.data.num_examples or 200)
-        if skips["seen"] >= enough and skips["rate"] > limit:
+        seen, skipped = skips["seen"], skips["skipped"]
+        clear = seen >= 32 and skipped > limit * seen + 3 * math.sqrt(seen * limit * (1 - limit))
+        if (seen >= enough or clear) and skips["rate"] > limit:
             raise TrainingStopped(
                 f"{skips['skipped']} of the {skips['seen']} samples read so far were unreadable or missing "
                 f"({skips['rate']:.0%} > train.max_skip_rate {limit:.0%}); check the image folder and paths "

@@ -17,6 +17,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from ..atomic import naming
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -182,23 +184,36 @@ class Reporter:
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         if self.is_chief:
-            with open(self.run_dir / METRICS_FILE, "a") as handle:
+            with naming(self.run_dir / METRICS_FILE), open(self.run_dir / METRICS_FILE, "a") as handle:
                 # Wall-clock time: a pause between two lines shows where a run waited.
                 handle.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
 
-    def forget_metrics_after(self, step: int) -> None:
-        """Drop log lines of steps a killed run took after its last checkpoint: they are replayed now."""
+    def forget_metrics_after(self, step: int) -> int:
+        """Drop log lines of steps a killed run took after its last checkpoint: they are replayed now.
+
+        Lines that are not a JSON object with a numeric step (cut short by a kill, edited)
+        are dropped too; returns how many of those there were.
+        """
         path = self.run_dir / METRICS_FILE
         if not self.is_chief or not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
+            return 0
+        kept, unreadable = [], 0
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by the kill
-                continue
-            if record.get("step", 0) <= step:
+                at = record.get("step", 0) if isinstance(record, dict) else None
+            except json.JSONDecodeError:
+                at = None
+            if not isinstance(at, (int, float)) or isinstance(at, bool):
+                unreadable += bool(line.strip())
+            elif at <= step:
                 kept.append(line)
         partial = path.with_name(f".{METRICS_FILE}.partial")
-        partial.write_text("".join(line + "\n" for line in kept))
-        partial.replace(path)
+        try:
+            with naming(path):
+                partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            partial.replace(path)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a full disk leaves the old file, not half of a new one
+            raise
+        return unreadable

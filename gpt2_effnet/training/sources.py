@@ -152,6 +152,16 @@ def caption_source(
             f"none of the {len(captions.missing)} image file(s) that {captions.source} lists exist "
             f"(the first: {first}); check --images"
         )
+    share = captions.num_missing / len(captions.pairs)
+    if share > config.train.max_skip_rate:
+        from ..data.captions import CaptionFileError
+
+        # Known exactly before step 1: the loop's running check would only stop it later.
+        raise CaptionFileError(
+            f"{captions.num_missing} of the {len(captions.pairs)} rows of {captions.source} name image files that do "
+            f"not exist ({share:.0%} > train.max_skip_rate {config.train.max_skip_rate:.0%}; e.g. "
+            f"{sorted(captions.missing)[0]}); check --images, or raise the limit"
+        )
     plain_tokenizer, tokenizer = tokenizer, _TokenizeOnce(tokenizer)
     skips = _EpochSkips()
     cache = ImageCache(config.train.image_cache_mb * 2**20)
