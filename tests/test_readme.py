@@ -4,15 +4,13 @@ module or by `make demo`.)"""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from gpt2_effnet.cli import COMMANDS
+from gpt2_effnet.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +39,7 @@ def test_readme_command_parses(command: str) -> None:
     words = shlex.split(command)
     name = words[1]
     assert name in COMMANDS, f"README uses unknown command {name!r}"
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"gpt2-effnet {name}", exit_on_error=False)
-    module.add_arguments(parser)
+    _, parser = build_parser(name, exit_on_error=False)  # the command's parser, as cli.main builds it
     try:
         parser.parse_args(words[2:])
     except SystemExit as err:  # argparse exits on errors it cannot raise
