@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 VERBOSE_HELP = ("also show TensorFlow's own logging: its start-up lines and INFO/WARNING messages "
-                "(kept out by default, unless TF_CPP_MIN_LOG_LEVEL is set)")
+                "(kept out by default; where TF_CPP_MIN_LOG_LEVEL is set, it decides)")
 
 
 def _usage() -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpt2_effnet.cli import build_parser, main
-from gpt2_effnet.startup_logs import is_startup_chatter, quiet_tensorflow
+from gpt2_effnet.startup_logs import ABSL_BANNER, is_startup_chatter, quiet_tensorflow
 
 REPO = Path(__file__).resolve().parent.parent
 # Lines TensorFlow 2.21 wrote on this project's CPU test machine (see startup_logs.py),
@@ -48,7 +48,20 @@ def test_chatter_is_told_from_errors() -> None:
     assert not is_startup_chatter(cuinit, nvidia_driver=True)
 
 
-def test_verbose_or_the_user_s_own_level_leaves_tensorflow_alone(monkeypatch) -> None:
+def test_a_user_s_own_level_is_applied_as_tensorflow_would() -> None:
+    """With the user's TF_CPP_MIN_LOG_LEVEL, the lines absl wrote before it could apply it go as
+    the level says, and the cuInit failure shows below level 3, as TensorFlow shows it."""
+    info, cuinit, jpeg, fatal = (next(line for line in MEASURED if word in line)
+                                 for word in ("oneDNN", "cuInit", "jpeg_mem", "AVX"))
+    banner = ABSL_BANNER + "\n"
+    expected = {1: (banner, info), 2: (banner, info), 3: (banner, info, cuinit, jpeg)}
+    for level, dropped in expected.items():
+        for line in (banner, info, cuinit, jpeg, fatal):
+            got = is_startup_chatter(line, level, drop_no_driver=False, nvidia_driver=False)
+            assert got is (line in dropped), (level, line)
+
+
+def test_verbose_or_the_user_s_level_0_leaves_tensorflow_alone(monkeypatch) -> None:
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     assert quiet_tensorflow(verbose=True) is False and "TF_CPP_MIN_LOG_LEVEL" not in os.environ
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
@@ -108,6 +121,10 @@ def test_a_command_prints_only_its_own_output(run_and_photos) -> None:
     assert verbose.returncode == 0, verbose.stderr
     assert _chatter(verbose.stderr), f"--verbose showed no TensorFlow start-up line:\n{verbose.stderr}"
     assert "image(s) a batch" in verbose.stdout
+    # The user's own level 3: nothing of TensorFlow's, though it writes six lines before
+    # absl can apply that level.
+    own = _run("caption", "--checkpoint", str(run), str(good), "--explain", env_extra={"TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert own.returncode == 0 and _chatter(own.stderr) == [], own.stderr
 
 
 @pytest.mark.slow
