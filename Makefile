@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench install config-docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ demo: $(DEMO_STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# docs/CONFIG.md, from the one-line meanings beside config.py's fields (a test fails when
+# a key has none, or when the file is stale).
+config-docs: $(STAMP)
+	$(PY) -m gpt2_effnet.config_reference
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache

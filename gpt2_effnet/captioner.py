@@ -58,6 +58,9 @@ class Captioner(keras.Model):
         )
         self.apply_trainable()
         self.built = True
+        # Where load() read the model from: caption() finds the run's tokenizer there.
+        self.source: Path | None = None
+        self._tokenizer: Any = None
 
     # -- construction --------------------------------------------------------------------
     @classmethod
@@ -127,6 +130,49 @@ class Captioner(keras.Model):
 
         return generate_captions(self, images, **kwargs)
 
+    def caption(self, images: Any, *, tokenizer: Any = None, batch_size: int = 16, **generate_kwargs: Any) -> list[str]:
+        """Captions of ``images`` as text, one per image (``num_return_sequences`` per image, in order).
+
+        ``images``: a path, encoded bytes, a Pillow image, an array (``[H, W, C]`` or a batch
+        ``[N, H, W, C]``; uint8, or numbers in 0..255) or a list of these, read and resized
+        as ``gpt2-effnet caption`` reads files (:func:`~gpt2_effnet.image_input.to_pixels`).
+        Keywords are :func:`~gpt2_effnet.decoding.generate`'s (``num_beams``, ``top_p``,
+        ``seed``, ...); ``batch_size`` images decode together, batched as the command
+        batches, so the same files and settings give the command's captions. The tokenizer
+        is the run's (``RUN/tokenizer``, else GPT-2's) for a model :meth:`load` read, GPT-2's
+        for one built in memory with GPT-2's vocabulary; pass ``tokenizer`` otherwise.
+        """
+        from .decoding import caption_strings
+        from .image_input import fill_batch, split_images, to_pixels
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        tokenizer = self._default_tokenizer() if tokenizer is None else tokenizer
+        size, limit = self.captioner_config.model.image_size, self.captioner_config.train.max_image_pixels
+        repeats = generate_kwargs.get("num_return_sequences", 1)
+        items = split_images(images)
+        captions: list[str] = []
+        for start in range(0, len(items), batch_size):
+            pixels = np.stack([to_pixels(item, size, limit) for item in items[start : start + batch_size]])
+            batch = fill_batch(pixels, batch_size, len(items))
+            captions += caption_strings(self, batch, tokenizer=tokenizer, **generate_kwargs)[: len(pixels) * repeats]
+        return captions
+
+    def _default_tokenizer(self) -> Any:
+        from .tokenizer import GPT2Tokenizer
+
+        if self._tokenizer is None:
+            specials, vocab = self.decoder.num_special_tokens, self.decoder.gpt2_config.vocab_size
+            if self.source is not None:
+                tokenizer = GPT2Tokenizer.for_run(self.source, specials)
+            else:
+                tokenizer = GPT2Tokenizer.default(specials)
+                if tokenizer.vocab_size != vocab:
+                    raise ValueError(f"this captioner's vocabulary has {vocab} tokens, not GPT-2's "
+                                     f"{tokenizer.vocab_size}: pass caption(..., tokenizer=...)")
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
     # -- persistence -------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.yaml`` + ``captioner.weights.h5``: a folder :meth:`load` reads back."""
@@ -148,6 +194,7 @@ class Captioner(keras.Model):
             model = keras.saving.load_model(path)
             if not isinstance(model, cls):
                 raise ValueError(f"{path} holds a {type(model).__name__}, not a Captioner")
+            model.source = path
             return model
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path}: expected a .keras file or a folder with {CONFIG_FILE}")
@@ -162,6 +209,7 @@ class Captioner(keras.Model):
         except (OSError, ValueError) as err:  # h5py's messages do not name the file
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise (OSError if isinstance(err, OSError) else ValueError)(f"{weights}: {first}") from None
+        model.source = path
         return model
 
     def get_config(self) -> dict[str, Any]:

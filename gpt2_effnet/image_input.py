@@ -118,14 +118,21 @@ def open_image(
         image.seek(0)  # an animation's first frame, like training's expand_animations=False
         if size is not None and image.format == "JPEG":
             image.draft("RGB", (size, size))
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            # 16-bit samples: scale to 8 bits as libpng does (x * 255 / 65535, rounded).
-            wide = np.asarray(image, dtype=np.int64)
-            gray = ((wide * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
-            return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
-        if image.mode == "P":
-            image = image.convert("RGBA")  # the palette's colours; transparency then dropped below
-        return image.convert("RGB")
+        return _as_rgb(image)
+
+
+def _as_rgb(image: "Image.Image") -> "Image.Image":
+    """8-bit RGB, every mode treated one way (see the module's docstring)."""
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit samples: scale to 8 bits as libpng does (x * 255 / 65535, rounded).
+        wide = np.asarray(image, dtype=np.int64)
+        gray = ((wide * 255 + 32767) // 65535).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=-1))
+    if image.mode == "P":
+        image = image.convert("RGBA")  # the palette's colours; transparency then dropped below
+    return image.convert("RGB")
 
 
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # frame headers; C4/C8/CC are tables and reserved
@@ -180,6 +187,94 @@ def read_image(path: str | os.PathLike | bytes, image_size: int, max_pixels: int
     return decode_rgb(path, image_size, max_pixels).astype(np.float32)
 
 
+def split_images(images: Any) -> list[Any]:
+    """One item per image: a list or tuple as it is, a ``[N, H, W, C]`` array row by row,
+    anything else (a path, encoded bytes, a Pillow image, one ``[H, W(, C)]`` array) alone."""
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or _is_pil(images):
+        return [images]
+    array = np.asarray(images)
+    if array.ndim == 4:
+        return list(array)
+    return [array]
+
+
+def to_pixels(image: Any, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One image as the models take it, float32 ``[S, S, 3]`` in 0..255.
+
+    A path or encoded bytes is read by :func:`read_image`, as every command reads files. A
+    Pillow image is converted and resized the same way (the frame it shows; a JPEG the
+    caller opened but did not load is decoded in full, not at a reduced scale). An array is
+    ``[H, W]``, ``[H, W, 1]``, ``[H, W, 3]`` or ``[H, W, 4]`` (alpha dropped): uint8, or a
+    float or integer array of pixel values in 0..255 (what :func:`read_image` returns).
+    Another size is resized with the bilinear filter the files get.
+    """
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        return read_image(bytes(image) if isinstance(image, (bytearray, memoryview)) else image, image_size, max_pixels)
+    if _is_pil(image):
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+        rgb = _as_rgb(image)
+        if rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.float32)
+    array = _pixel_array(image)
+    if array.shape[:2] == (image_size, image_size):
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        resized = Image.fromarray(array).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32)
+    channels = [Image.fromarray(array[..., c].astype(np.float32), mode="F").resize(
+        (image_size, image_size), Image.Resampling.BILINEAR) for c in range(3)]
+    return np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=-1)
+
+
+def _is_pil(value: Any) -> bool:
+    pil = sys.modules.get("PIL.Image")  # a Pillow image exists only once Pillow was imported
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def _pixel_array(value: Any) -> np.ndarray:
+    """An image array checked and made ``[H, W, 3]``: integers as uint8, floats as float32."""
+    try:
+        array = np.asarray(value)
+    except Exception as err:  # a type numpy cannot read
+        raise TypeError(f"cannot read {type(value).__name__} as an image: give a path, a Pillow image or an array") from err
+    if array.dtype == object or array.dtype.kind not in "uif":
+        raise TypeError(f"cannot read {type(value).__name__} of dtype {array.dtype} as an image")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise ValueError(f"an image array is [H, W] or [H, W, 1|3|4] (a batch: [N, H, W, C]), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        low, high = float(array.min()), float(array.max())
+        if not (np.isfinite(low) and np.isfinite(high) and 0.0 <= low and high <= 255.0):
+            raise ValueError(f"image values must lie in 0..255 (as 8-bit pixels), got {low:g}..{high:g}")
+        if array.dtype.kind == "f" and 0.0 < high <= 1.0:
+            import warnings
+
+            warnings.warn("this float image's values all lie in 0..1; pixel values are read as 0..255, so multiply "
+                          "by 255 if it was scaled", stacklevel=3)
+        array = array.astype(np.float32 if array.dtype.kind == "f" else np.uint8)  # integers: 8-bit pixels
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array[..., :3]
+
+
+def fill_batch(images: np.ndarray, batch_size: int, total: int) -> np.ndarray:
+    """A short batch padded to ``batch_size`` with copies of its last image when more than
+    one batch is captioned (``total`` images), so a compiled decoder is not traced again
+    for the odd size; the caption command and :meth:`Captioner.caption` batch alike."""
+    if len(images) < batch_size and total > batch_size:
+        filler = np.repeat(images[-1:], batch_size - len(images), axis=0)
+        images = np.concatenate([images, filler])
+    return images
+
+
 def caption_files(
     paths: Sequence[Any],
     image_size: int,
@@ -190,8 +285,7 @@ def caption_files(
     """Caption image files in batches: yields ``(path, caption, None)`` or ``(path, None, reason)``.
 
     An unreadable file is reported and skipped; the rest of its batch goes on. A short batch
-    is padded to ``batch_size`` (with copies of its last image) so a compiled decoder is not
-    traced again for the odd size.
+    is padded by :func:`fill_batch`.
     """
     from tqdm import tqdm
 
@@ -208,10 +302,7 @@ def caption_files(
                     tqdm.write(f"skipping unreadable image {path}: {reason}", file=sys.stderr)
                     yield path, None, reason
             if pixels:
-                images = np.stack(pixels)
-                if len(images) < batch_size and len(paths) > batch_size:
-                    filler = np.repeat(images[-1:], batch_size - len(images), axis=0)
-                    images = np.concatenate([images, filler])
+                images = fill_batch(np.stack(pixels), batch_size, len(paths))
                 for path, caption in zip(good, caption_fn(images)):
                     yield path, caption, None
             bar.update(len(chunk))

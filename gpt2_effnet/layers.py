@@ -1,7 +1,7 @@
 """Transformer building blocks, written once for GPT-2 and for the image encoder.
 
-Everything here uses ``keras.ops`` only, so the model runs unchanged on the TensorFlow,
-JAX and PyTorch backends. Kernels are ``[in, out]`` like GPT-2's ``Conv1D`` (``[nx, nf]``),
+Everything here uses ``keras.ops`` only, so these layers run unchanged on any Keras
+backend (the tests run them on TensorFlow and PyTorch). Kernels are ``[in, out]`` like GPT-2's ``Conv1D`` (``[nx, nf]``),
 so pretrained weights load without transposes.
 
 Caches are explicit values (:class:`KVCache`): a self-attention layer's keys and values

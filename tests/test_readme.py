@@ -4,15 +4,13 @@ module or by `make demo`.)"""
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
-from gpt2_effnet.cli import COMMANDS
+from gpt2_effnet.cli import COMMANDS, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +39,7 @@ def test_readme_command_parses(command: str) -> None:
     words = shlex.split(command)
     name = words[1]
     assert name in COMMANDS, f"README uses unknown command {name!r}"
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"gpt2-effnet {name}", exit_on_error=False)
-    module.add_arguments(parser)
+    _, parser = build_parser(name, exit_on_error=False)  # the command's parser, as cli.main builds it
     try:
         parser.parse_args(words[2:])
     except SystemExit as err:  # argparse exits on errors it cannot raise
@@ -89,7 +85,9 @@ def test_readme_claims_only_tested_backends() -> None:
 
 def test_readme_package_map_names_real_modules() -> None:
     text = _readme()
-    section = text[text.index("Package map"): text.index("## Pretrained weights")]
+    start = text.index("Package map")
+    end = text.find("\n## ", start)  # the next section, or the end of the file
+    section = text[start: end if end != -1 else None]
     names = set(re.findall(r"`([a-z0-9_/]+(?:\.py|/))`", section))
     assert names, "no module names found in the package map"
     package = ROOT / "gpt2_effnet"

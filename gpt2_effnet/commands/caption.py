@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "weights); faster on CPUs with bfloat16 matmuls, not always float32's captions")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--xla", action="store_true",
-                        help="compile the decode loop with XLA (TensorFlow): slower first batch, faster steps at small batch sizes")
+                        help="compile the whole call, image encoder included, as one XLA program (TensorFlow); "
+                             "by default the decode plan decides what XLA compiles on this machine (--explain shows it)")
     parser.add_argument("--explain", action="store_true",
                         help="print the decode plan of each batch size this run would decode (how it is compiled "
                              "and computed on this machine, and the tuning behind it), then exit without captioning")

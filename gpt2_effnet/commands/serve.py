@@ -8,14 +8,11 @@ See :mod:`gpt2_effnet.serving.server` for the API and the batching.
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import sys
 from pathlib import Path
 
 from ..decoding.precision import BACKBONE_PRECISIONS, PRECISIONS
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,15 +11,11 @@ multi-node launches.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..training.distribute import STRATEGIES
-
-# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) buries the run's own lines.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

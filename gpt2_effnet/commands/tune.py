@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import os
 import statistics
 import sys
 import time
 from typing import Any
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 BIG = 1 << 20  # "every row count"
 # question -> (row counts, plan A's tuning changes, plan B's), each over a base that turns every branch off.

@@ -295,7 +295,6 @@ def caption_dataset(
         ds = ds.map(load, num_parallel_calls=decode_parallelism(spec), deterministic=spec.ordered)
         gather = None
     else:
-        readable = tf.constant(cached.readable)
         stored = cached.tensor
         names = np.array(paths, dtype=object)
 

@@ -1,10 +1,11 @@
 """Caption and text generation: greedy, beam search, top-k/top-p/temperature sampling.
 
-All samplers run one compiled decode loop over a preallocated static KV cache; see
-:mod:`.base` (step function), :mod:`.beam` (beam search and its length penalty),
-:mod:`.sampling` (seeded sampling) and :mod:`.processors`. How a call is compiled and
-computed is a :class:`~.plan.DecodePlan` (:mod:`.plan`), made from the request, the
-model and the machine's tuning (:mod:`.tuning`); its kernels are in :mod:`.kernels`.
+Every sampler runs its decode loop over a preallocated static KV cache; see :mod:`.base`
+(step function), :mod:`.beam` (beam search and its length penalty), :mod:`.sampling`
+(seeded sampling) and :mod:`.processors`. How a call is compiled and computed (one XLA
+program, a graph calling an XLA loop, a plain graph, or eager ops on PyTorch) is a
+:class:`~.plan.DecodePlan` (:mod:`.plan`), made from the request, the model and the
+machine's tuning (:mod:`.tuning`); its kernels are in :mod:`.kernels`.
 
 Names are imported lazily, so ``gpt2-effnet caption --help`` does not pay for Keras.
 """

@@ -1,4 +1,4 @@
-"""Beam search over a batch of inputs x K beams, folded into B*K rows of one compiled loop.
+"""Beam search over a batch of inputs x K beams, folded into B*K rows of one decode loop.
 
 The bookkeeping is Hugging Face ``generate()``'s (transformers >= 4.50), so results match
 it token for token:

@@ -1,4 +1,5 @@
-"""Masked next-token cross-entropy and token accuracy, in ``keras.ops`` only.
+"""Masked next-token cross-entropy and token accuracy, in ``keras.ops`` (the argmax and the
+cross-entropy through :mod:`gpt2_effnet.fast_ops`, which shortcut them on TensorFlow).
 
 The functions return *sums* and token *counts* rather than means: a mean of per-replica or
 per-micro-batch means weights short captions wrongly, while summing first and dividing by
