@@ -162,8 +162,9 @@ def render(rows: list[dict]) -> str:
         BEGIN,
         "## Current figures",
         "",
-        "Written by `make bench` (`python bench/run_all.py`); each row is the latest run of its benchmark, "
-        "on the machine its letter names. Method and history for each area are in the sections below.",
+        "Written by `make bench` (`python bench/run_all.py`; `--only NAME` reruns one benchmark's rows). Each row "
+        "is the latest run of its benchmark, on the machine its letter names. \"N.NNx vs X\": X's time over ours "
+        "(above 1: ours is faster), measured in the same run. Method and history: the sections below.",
         "",
         "| area | benchmark | measure | figure | compared in the same run | date | commit | machine |",
         "|---|---|---|---:|---|---|---|---|",
