@@ -182,11 +182,11 @@ def main() -> None:
 
     r = results[str(trees[0])]  # headline lines for bench/run_all.py: the first tree
     few, many, beside = r["clients_20"], r["clients_100"], r["beside_beams"]
-    headline.emit("serve, 20 clients, greedy", few["goodput_per_s"], "requests/s",
+    headline.emit("20 clients, greedy: goodput", few["goodput_per_s"], "requests/s",
                   f"p50 {few['p50_ms']} ms, p99 {few['p99_ms']} ms")
-    headline.emit("serve, 100 clients retrying on 503: goodput over 20 clients'", r["goodput_100_over_20"], "x",
+    headline.emit("100 clients retrying on 503: goodput over the 20 clients'", r["goodput_100_over_20"], "x",
                   f"{many['goodput_per_s']} requests/s (target >= 0.8)")
-    headline.emit(f"serve, plain p99 beside a beams={args.beams} client over p99 alone", r["p99_beside_beams_over_alone"],
+    headline.emit(f"plain requests' p99 beside a beams={args.beams} client over their p99 alone", r["p99_beside_beams_over_alone"],
                   "x", f"p99 {beside['p99_ms']} vs {few['p99_ms']} ms (target <= 2)")
 
 

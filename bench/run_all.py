@@ -42,11 +42,12 @@ BENCHES: dict[str, Bench] = {
     "train": Bench("training", ("bench/bench_train.py", "--variants", "default,float32", "--steps", "8", "--rounds", "2")),
     "decode": Bench("decoding", ("bench/bench_generate.py", "--configs", "124M", "--threads", "2", "--reps", "2",
                                  "--no-captioner", "--batches", "1", "32", "--modes", "greedy", "beam3", "nucleus",
-                                 "--large-batch-modes", "greedy")),
+                                 "--large-batch-modes", "greedy", "beam3", "nucleus")),
     "seed": Bench("decoding", ("bench/bench_decode_seed.py", "--rounds", "2", "--reps", "3")),
     "tokenizer": Bench("data", ("bench/bench_tokenizer.py", "--captions", "100000", "--uncached-captions", "10000")),
     "loaders": Bench("data", ("bench/bench_loaders.py", "--images", "2000", "--rounds", "2", "--batches", "40")),
     "shard_plan": Bench("data", ("bench/bench_shard_plan.py",)),
+    "resume": Bench("data", ("bench/bench_resume.py",)),
     "export": Bench("export", ("bench/bench_export.py", "--run", "{run}", "--images", "{images}", "--n", "32"),
                     needs_run=True),
     "serve": Bench("serve", ("bench/bench_serve.py", "--run", "{run}", "--images", "{images}", "--seconds", "10"),
@@ -162,19 +163,21 @@ def render(rows: list[dict]) -> str:
         BEGIN,
         "## Current figures",
         "",
-        "Written by `make bench` (`python bench/run_all.py`; `--only NAME` reruns one benchmark's rows). Each row "
+        f"Written by `make bench` (`python bench/run_all.py`; `--only NAME` reruns one benchmark's rows, NAME in "
+        f"{', '.join(BENCHES)}). Each row "
         "is the latest run of its benchmark, on the machine its letter names. \"N.NNx vs X\": X's time over ours "
         "(above 1: ours is faster), measured in the same run. Method and history: the sections below.",
         "",
-        "| area | benchmark | measure | figure | compared in the same run | date | commit | machine |",
-        "|---|---|---|---:|---|---|---|---|",
+        "| area | measure | figure | compared in the same run | date | commit | machine |",
+        "|---|---|---:|---|---|---|---|",
     ]
     for row in rows:
         area = BENCHES[row["bench"]].area if row["bench"] in BENCHES else "?"
         if "failed" in row:
-            cells = [area, row["bench"], "**FAILED**", "—", row["failed"].replace("|", "/")]
+            cells = [area, f"**FAILED**: `{row['bench']}`", "—", row["failed"].replace("|", "/")]
         else:
-            cells = [area, row["bench"], row["name"], f"{_number(row['figure'])} {row['unit']}", row["vs"] or "—"]
+            figure = f"{row['figure']:.2f}x" if row["unit"] == "x" else f"{_number(row['figure'])} {row['unit']}"
+            cells = [area, row["name"], figure, row["vs"] or "—"]
         lines.append("| " + " | ".join(cells + [row["date"], f"`{row['commit']}`", letter[row["machine"]]]) + " |")
     lines += ["", "Machines: " + "; ".join(f"**{letter[m]}** = {m}" for m in machines) + ".", "",
               DATA + json.dumps(rows) + " -->", END]
