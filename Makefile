@@ -43,7 +43,7 @@ test-fast: $(STAMP)
 demo: $(DEMO_STAMP)
 	$(PY) -m gpt2_effnet.cli demo --out demo_run
 
-# The headline figures at the top of BENCHMARKS.md (~15 minutes on 2 cores); a subset:
+# The headline figures at the top of BENCHMARKS.md (~6 minutes on 2 cores); a subset:
 # make bench BENCH_ARGS="--only train serve". export and serve need `make demo`'s run first.
 bench: $(STAMP)
 	$(PY) bench/run_all.py $(BENCH_ARGS)

@@ -1,6 +1,6 @@
 """Run the headline benchmarks and rewrite the table at the top of BENCHMARKS.md.
 
-    python bench/run_all.py                      # all of them (about 15 minutes on 2 cores)
+    python bench/run_all.py                      # all of them (about 6 minutes on 2 cores)
     python bench/run_all.py --only train serve   # these; the other rows keep their own date
     python bench/run_all.py --run demo_run/run   # the trained run export and serve load
 
