@@ -43,8 +43,10 @@ test-fast: $(STAMP)
 demo: $(DEMO_STAMP)
 	$(PY) -m gpt2_effnet.cli demo --out demo_run
 
+# The headline figures at the top of BENCHMARKS.md (~6 minutes on 2 cores); a subset:
+# make bench BENCH_ARGS="--only train serve". export and serve need `make demo`'s run first.
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # docs/CONFIG.md, from the one-line meanings beside config.py's fields (a test fails when
 # a key has none, or when the file is stale).

@@ -30,7 +30,8 @@ import os
 import time
 from pathlib import Path
 
-from bench_train import cpu_name, run_worker  # this folder is on sys.path when run as a script
+import headline  # this folder is on sys.path when run as a script
+from bench_train import cpu_name, run_worker
 
 HERE = Path(__file__).resolve()
 
@@ -176,6 +177,14 @@ def main() -> None:
         for name, per_side in changes.items():
             cells = [" / ".join(f"{t:.2f}" for t in per_side.get(n, [])) for n in names]
             print(f"| {name} | " + " | ".join(cells) + " |")
+    for key, r in best.items():  # headline lines for bench/run_all.py
+        side, name = key.split(": ")
+        if side == "this":
+            other = best.get(f"against: {name}")
+            vs = f"{other['per_image_s'] / r['per_image_s']:.2f}x vs {args.against}" if other else ""
+            label = {"beam": "beam K=3", "nucleus": "nucleus (top-k 8, top-p 0.9)"}[name]
+            headline.emit(f"captioning, seed config, {label}, {SETTINGS[name]['images']} image(s) a call",
+                          round(r["per_image_s"], 4), "s/image", vs)
     if args.json:
         args.json.write_text(json.dumps({"best": best, "changes": changes}, indent=1))
 

@@ -76,6 +76,14 @@ def main() -> None:
         "same_captions": sum(a == b for a, b in zip(exported, ours)),
     }
     print(json.dumps(result, indent=1))
+    import headline  # this folder is on sys.path when run as a script
+
+    headline.emit(f"export (beam K={args.beams}, batch {args.batch_size})", result["export_s"], "s",
+                  f"SavedModel {result['savedmodel_mb']} MB")
+    headline.emit(f"loaded SavedModel, beam K={args.beams}, {len(files)} images", result["savedmodel_captions_per_s"],
+                  "captions/s", f"{result['savedmodel_captions_per_s'] / result['library_captions_per_s']:.2f}x vs "
+                  f"the library ({result['library_captions_per_s']}); {result['same_captions']} of {len(files)} "
+                  "captions the same")
 
 
 if __name__ == "__main__":

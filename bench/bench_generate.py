@@ -42,6 +42,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+import headline  # this folder is on sys.path when run as a script
+
 CONFIGS = {
     "small": dict(n_embd=256, n_layer=4, n_head=4),
     "124M": dict(n_embd=768, n_layer=12, n_head=12),
@@ -285,10 +287,26 @@ def main(argv: list[str] | None = None) -> int:
     print("\nspeed-up of the cached, compiled samplers (time ratio; > 1 means ours is faster):")
     for line in ratios(rows):
         print(line)
+    emit_headlines(rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     return 0
+
+
+def emit_headlines(rows: list[dict[str, Any]]) -> None:
+    """Lines for bench/run_all.py: ours (cached, float32) against transformers, and the bound."""
+    index = {(r["kind"], r["config"], r["mode"], r["batch"], r["impl"]): r for r in rows}
+    for (kind, config, mode, batch, impl), row in index.items():
+        hf = index.get((kind, config, mode, batch, "hf"))
+        if impl != "cached" or hf is None:
+            continue
+        headline.emit(f"GPT-2 {config} {mode}, batch {batch}", row["tokens_per_s"], "tokens/s",
+                      f"{hf['seconds'] / row['seconds']:.2f}x vs transformers generate() ({hf['tokens_per_s']:.1f})")
+        if "step_over_bound" in row:
+            headline.emit(f"GPT-2 {config} greedy batch 1: time a token over the weight-read bound",
+                          round(row["step_over_bound"], 2), "x",
+                          f"{row['step_ms']:.1f} vs {row['bound_ms']:.1f} ms ({row['bandwidth_gbs']:.1f} GB/s)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 
+import headline  # this folder is on sys.path when run as a script
+
 SIZE = 224
 BATCH = 32
 
@@ -246,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         rate, cpu_ms = best[name]
         ratio = f"{rate / reference:.2f}x" if reference else "-"
         print(f"  {LOADERS[name]:46s} {rate:9,.0f} {cpu_ms:13.2f} {ratio:>19s}")
+    for name in names:  # headline lines for bench/run_all.py
+        if name != "torch" and best[name][0] > 0:
+            rate, cpu_ms = best[name]
+            vs = f"{rate / reference:.2f}x vs webdataset + DataLoader ({reference:,.0f}); {cpu_ms:.2f} CPU ms/image"
+            headline.emit(f"shard loader, {LOADERS[name][len('ours, '):]}, 224 px, batch {BATCH}", round(rate),
+                          "images/s", vs if reference else f"{cpu_ms:.2f} CPU ms/image")
     if tmp is not None:
         tmp.cleanup()
     return 0

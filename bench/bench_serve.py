@@ -28,6 +28,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -116,9 +117,10 @@ def load(url: str, images: list[bytes], clients: int, seconds: float, retry: boo
 def serve_tree(tree: Path, args: argparse.Namespace, images: list[bytes]) -> dict:
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(tree.resolve())}
+    log = tempfile.TemporaryFile("w+")  # the server's output, shown if it stops before the bench does
     server = subprocess.Popen([sys.executable, "-m", "gpt2_effnet.cli", "serve", str(Path(args.run).resolve()),
                                "--port", str(port), "--max-batch", str(args.max_batch), "--max-wait-ms", "10"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/")
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/")
     url = f"http://127.0.0.1:{port}"
     beam_query = f"beams={args.beams}"
     started = time.perf_counter()
@@ -128,6 +130,8 @@ def serve_tree(tree: Path, args: argparse.Namespace, images: list[bytes]) -> dic
                 urllib.request.urlopen(url + "/health", timeout=2).read()
                 break
             except Exception:
+                if server.poll() is not None:
+                    break
                 time.sleep(0.5)
         # Warm-up: traces the plain and the beam programs once, so no phase pays for it.
         ready = time.perf_counter() - started
@@ -137,8 +141,14 @@ def serve_tree(tree: Path, args: argparse.Namespace, images: list[bytes]) -> dic
         many = load(url, images, 100, args.seconds, retry=True, honour_retry_after=not args.ignore_retry_after)
         beside = load(url, images, 20, args.seconds, beam_query=beam_query)
     finally:
+        exit_code = server.poll()
         server.terminate()
         server.wait(30)
+        log.seek(0)
+        tail = log.read()[-3000:]
+        log.close()
+    if exit_code is not None:
+        raise RuntimeError(f"the server of {tree} stopped (exit {exit_code}) before the bench ended:\n{tail}")
     return {
         "server_ready_s": round(ready, 1),
         "clients_20": few,
@@ -168,6 +178,16 @@ def main() -> None:
 
     print(json.dumps({"cpu": cpu_name(), "seconds": args.seconds, "max_batch": args.max_batch,
                       "ignore_retry_after": args.ignore_retry_after, **results}, indent=1))
+    import headline
+
+    r = results[str(trees[0])]  # headline lines for bench/run_all.py: the first tree
+    few, many, beside = r["clients_20"], r["clients_100"], r["beside_beams"]
+    headline.emit("20 clients, greedy: goodput", few["goodput_per_s"], "requests/s",
+                  f"p50 {few['p50_ms']} ms, p99 {few['p99_ms']} ms")
+    headline.emit("100 clients retrying on 503: goodput over the 20 clients'", r["goodput_100_over_20"], "x",
+                  f"{many['goodput_per_s']} requests/s (target >= 0.8)")
+    headline.emit(f"plain requests' p99 beside a beams={args.beams} client over their p99 alone", r["p99_beside_beams_over_alone"],
+                  "x", f"p99 {beside['p99_ms']} vs {few['p99_ms']} ms (target <= 2)")
 
 
 if __name__ == "__main__":

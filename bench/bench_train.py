@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import headline  # this folder is on sys.path when run as a script
+
 HERE = Path(__file__).resolve()
 
 
@@ -193,6 +195,16 @@ def main() -> None:
         if reference:
             row += f" {reference['step_s'] / r['step_s']:.2f}x |"
         print(row)
+    for name, r in best.items():  # headline lines for bench/run_all.py: this checkout's variants
+        if not name.startswith("this: ") or "vocabulary" in name:
+            continue
+        label = f"seed config, {name[len('this: '):]} ({r['precision']})"
+        vs = ", ".join(f"{o['step_s'] / r['step_s']:.2f}x vs {k}" for k, o in best.items() if k != name)
+        headline.emit(f"train step, {label}", round(r["step_s"] * 1000, 1), "ms", vs)
+        if name == "this: default":
+            headline.emit(f"train images/s, {label}", round(args.batch / r["step_s"], 1), "images/s")
+            headline.emit(f"first step (trace), {label}", round(r["first_step_s"], 2), "s",
+                          f"peak RSS {r['rss_gib']:.2f} GiB")
     if args.json:
         args.json.write_text(json.dumps(best, indent=1))
 
