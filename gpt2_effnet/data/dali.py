@@ -176,7 +176,7 @@ def dali_dataset(
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Whole batches: the encoded images zero-padded to one length (decoders stop at the
         image's own end marker), so DALI takes one dense tensor per batch instead of one
-        tensor per sample (on its own, 623 vs 428 images/s on 2 CPU cores; BENCHMARKS.md)."""
+        tensor per sample (fewer hand-overs between TensorFlow and DALI per image)."""
         stream = samples()
         while True:
             chunk = list(itertools.islice(stream, batch_size))

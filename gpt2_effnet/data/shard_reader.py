@@ -15,6 +15,8 @@ they held stay filled, so every later sample keeps its position.
 
 from __future__ import annotations
 
+import itertools
+
 import queue
 import threading
 from collections.abc import Iterator, Sequence
@@ -250,11 +252,7 @@ def read_samples(
     out = first_block
     try:
         for block_index in range(first_block // block, 1 << 62):
-            chunk = []
-            for sample in stream:
-                chunk.append(sample)
-                if len(chunk) == block:
-                    break
+            chunk = list(itertools.islice(stream, block))
             if not chunk:
                 return
             for k in order.block_permutation(block_index, len(chunk)):
@@ -281,11 +279,7 @@ def chunks(samples_iter: Iterator[RawSample], size: int = CHUNK) -> Iterator[tup
     one Python step per chunk keeps the generator's per-call cost out of the per-sample path.
     """
     while True:
-        batch = []
-        for sample in samples_iter:
-            batch.append(sample)
-            if len(batch) == size:
-                break
+        batch = list(itertools.islice(samples_iter, size))
         if not batch:
             return
         parts: list[bytes] = []
