@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -27,10 +27,15 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: object
         raise FileNotFoundError(f"{target}: the folder {folder} does not exist")
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a folder; give a file name")
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX, dir=folder)
-    os.close(handle)
+    if "w" not in mode:
+        raise ValueError(f"atomic_write writes a whole new file (mode 'w' or 'wb'), got {mode!r}")
+    # A fresh name opened exclusively ('x'), so the file gets the permissions a plain open()
+    # would give (mkstemp's are 0600, which would make run files unreadable to other users).
+    temporary = folder / f".{target.name}.{secrets.token_hex(6)}{PARTIAL_SUFFIX}"
+    with naming(target):
+        stream = open(temporary, mode.replace("w", "x", 1), **open_kwargs)  # type: ignore[call-overload]
     try:
-        with naming(target), open(temporary, mode, **open_kwargs) as stream:  # type: ignore[call-overload]
+        with naming(target), stream:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from ..atomic import naming
+from ..atomic import atomic_write
 from ..captioner import CONFIG_FILE, WEIGHTS_FILE
 from ..config import CaptionerConfig
 
@@ -248,14 +248,8 @@ def _nbytes(variables: Any) -> int:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Other workers may read the file while the chief writes it; they must never see half of it."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with naming(path):
-            partial.write_text(text)
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)  # a full disk leaves nothing half-written behind
-        raise
+    with atomic_write(path) as handle:
+        handle.write(text)
 
 
 class RunState(tf.Module):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from ..atomic import naming
+from ..atomic import atomic_write, naming
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -208,12 +208,6 @@ class Reporter:
                 unreadable += bool(line.strip())
             elif at <= step:
                 kept.append(line)
-        partial = path.with_name(f".{METRICS_FILE}.partial")
-        try:
-            with naming(path):
-                partial.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            partial.replace(path)
-        except BaseException:
-            partial.unlink(missing_ok=True)  # a full disk leaves the old file, not half of a new one
-            raise
+        with atomic_write(path, "w", encoding="utf-8") as handle:  # a full disk leaves the old file
+            handle.write("".join(line + "\n" for line in kept))
         return unreadable
