@@ -47,6 +47,26 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs: object
 
 
 @contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, exists_message: str = "exists already") -> Iterator[Path]:
+    """``with atomic_folder("out") as tmp: ...`` (write into ``tmp``): ``out`` appears, whole,
+    only if the block succeeds; a failure or a kill leaves no half of it. ``out`` must not exist."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}{PARTIAL_SUFFIX}")
+    if target.exists():  # before any work, and again before the rename
+        raise FileExistsError(f"{target} {exists_message}")
+    if partial.exists():  # a killed writer's leftover
+        shutil.rmtree(partial)
+    try:
+        yield partial
+        if target.exists():
+            raise FileExistsError(f"{target} {exists_message}")
+        partial.rename(target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
 def naming(path: str | os.PathLike) -> Iterator[None]:
     """An OSError from writing (a full disk says only "No space left on device") names ``path``."""
     try:

@@ -14,14 +14,13 @@ import importlib.resources
 import json
 import logging
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import regex
 
-from .atomic import naming
+from .atomic import atomic_folder, naming
 
 # GPT-2's pre-tokenisation rule: lowercase English contractions, letter runs, digit runs and
 # runs of other symbols (each optionally led by one space), then whitespace runs. The
@@ -169,21 +168,14 @@ class GPT2Tokenizer:
         Written beside it and renamed, so a killed process leaves no half-written folder.
         """
         folder = Path(folder)
-        if folder.exists():
-            raise FileExistsError(f"{folder} exists already; not overwriting a vocabulary")
-        partial = folder.with_name(f".{folder.name}.partial")
-        partial.mkdir(parents=True, exist_ok=True)
-        try:
+        with atomic_folder(folder, "exists already; not overwriting a vocabulary") as partial:
+            partial.mkdir(parents=True)
             with naming(folder / "vocab.json"):
                 (partial / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8")
             merges = sorted(self._ranks, key=self._ranks.__getitem__)
             lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
             with naming(folder / "merges.txt"):
                 (partial / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-            partial.rename(folder)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)  # a full disk leaves no half-written vocabulary
-            raise
         return folder
 
     # ------------------------------------------------------------------ properties

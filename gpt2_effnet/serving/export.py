@@ -17,7 +17,6 @@ chunks of ``batch_size`` (the loop is traced once, at that static size).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..atomic import atomic_folder
 from ..captioner import Captioner
 from ..decoding.api import decode_function, make_config
 from ..decoding.precision import HEAD_ONLY
@@ -213,23 +213,14 @@ def export_saved_model(
     model = Captioner.load(run_dir)
     tokenizer = GPT2Tokenizer.for_run(run_dir, model.decoder.num_special_tokens)
     module = CaptionModule(model, tokenizer, batch_size=batch_size, seed=seed, **generation)
-    partial = out_dir.with_name(f".{out_dir.name}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
     # Keras' ExportArchive tracks the model's variables the way TF Serving's (TF1-style)
     # loader restores them; a plain tf.saved_model.save of the same function loads in
     # TF2 but not in saved_model_cli run / TF Serving.
     archive = keras.export.ExportArchive()
     archive.track(model)
     archive.add_endpoint("serve", module.serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
-    try:
+    with atomic_folder(out_dir, "exists already; remove it or export elsewhere") as partial:  # a full disk: no half export
         archive.write_out(str(partial), verbose=False)
-        if out_dir.exists():
-            raise FileExistsError(f"{out_dir} exists already; remove it or export elsewhere")
-        partial.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)  # a full or read-only disk leaves no half an export
-        raise
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return {"seconds": time.perf_counter() - start, "bytes": size, "path": str(out_dir)}
 
