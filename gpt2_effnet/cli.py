@@ -13,6 +13,7 @@ import importlib
 import sys
 from typing import Any
 
+from .commands import first_line
 from .startup_logs import quiet_tensorflow
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
@@ -74,7 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_tensorflow(verbose or _asks_verbose(rest))
     module, parser = build_parser(name)
     args = parser.parse_args(rest)
-    args.verbose = args.verbose or verbose
     try:
         return int(module.main(args) or 0)
     except OSError as err:  # the file system said no (read-only, full, a file where a folder goes): one line
@@ -87,8 +87,7 @@ def describe_os_error(err: OSError) -> str:
     if err.strerror:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         return f"{where}: {err.strerror}" if where else err.strerror
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return first_line(err)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..decoding.precision import BACKBONE_PRECISIONS, PRECISIONS
 from ..image_input import caption_files, find_images
+from . import first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
         model = Captioner.load(checkpoint)
         tokenizer = _load_tokenizer(args, model.decoder.num_special_tokens)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         return fail(f"cannot load --checkpoint {checkpoint}: {first}")
     config = model.captioner_config
     size, max_pixels = config.model.image_size, config.train.max_image_pixels

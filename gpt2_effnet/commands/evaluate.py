@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 from ..evaluation import java_available, report, score_captions
 from ..image_input import caption_files
+from . import first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,7 +161,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             predictions, unreadable = _caption_images(args, wanted)
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             print(f"gpt2-effnet evaluate: cannot caption with --checkpoint {args.checkpoint}: {first}", file=sys.stderr)
             return 2
         if args.save_captions:

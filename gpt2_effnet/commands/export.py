@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..decoding.precision import BACKBONE_PRECISIONS
+from . import first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         reason = message.splitlines()[0].rsplit("; ", 1)[-1] if message else type(err).__name__
         return fail(f"writing {out} failed ({reason}); nothing was left behind")
     except (OSError, ValueError) as err:  # the run's config, weights or vocabulary
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         return fail(f"cannot export {run}: {first}")
     print(f"exported {run} -> {info['path']} in {info['seconds']:.1f} s ({info['bytes'] / 1e6:.1f} MB)", file=sys.stderr)
     return 0

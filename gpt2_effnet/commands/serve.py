@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ..decoding.precision import BACKBONE_PRECISIONS, PRECISIONS
+from . import first_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         engine = load_engine(str(run), args.max_batch, args.precision, args.backbone_precision)
     except (OSError, ValueError) as err:  # a broken config, weights file or vocabulary in the run
         listener.close()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         return fail(f"cannot load {run}: {first}")
     app = make_app(engine, limits=limits)
     host, port = listener.getsockname()[:2]
