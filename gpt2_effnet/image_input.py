@@ -109,16 +109,20 @@ def open_image(
             raise UnsupportedImage(
                 f"{image.format} images are not read here (only {', '.join(IMAGE_FORMATS)}); convert it to PNG or JPEG"
             )
-        width, height = image.size  # from the header; nothing decoded yet
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLarge(
-                f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
-                "(a decompression bomb, or raise train.max_image_pixels)"
-            )
+        check_pixels(*image.size, max_pixels)  # from the header; nothing decoded yet
         image.seek(0)  # an animation's first frame, like training's expand_animations=False
         if size is not None and image.format == "JPEG":
             image.draft("RGB", (size, size))
         return _as_rgb(image)
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse (:class:`ImageTooLarge`) a size over ``max_pixels`` (None: no limit) before decoding."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,} "
+            "(a decompression bomb, or raise train.max_image_pixels)"
+        )
 
 
 def _as_rgb(image: "Image.Image") -> "Image.Image":
@@ -215,9 +219,7 @@ def to_pixels(image: Any, image_size: int, max_pixels: int | None = DEFAULT_MAX_
     if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         return read_image(bytes(image) if isinstance(image, (bytearray, memoryview)) else image, image_size, max_pixels)
     if _is_pil(image):
-        width, height = image.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageTooLarge(f"{width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}")
+        check_pixels(*image.size, max_pixels)
         rgb = _as_rgb(image)
         if rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)

@@ -16,7 +16,6 @@ they held stay filled, so every later sample keeps its position.
 from __future__ import annotations
 
 import itertools
-
 import queue
 import threading
 from collections.abc import Iterator, Sequence

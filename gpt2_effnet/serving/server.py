@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..image_input import ImageTooLarge, read_image
+from ..image_input import read_image
 
 SETTINGS = ("beams", "top_p", "top_k", "temperature", "max_new_tokens", "seed", "attention")
 log = logging.getLogger("gpt2_effnet.serve")
@@ -183,12 +183,12 @@ class Engine:
         kwargs.setdefault("max_new_tokens", self.max_new_tokens)
         return (check_generation(kwargs).program_key(), self.rows_per_call(settings), settings.attention)
 
-    def plan(self, settings: Settings | None = None) -> Any:
-        """The decode plan a batch with these settings runs (default: a plain request's)."""
+    def plan(self) -> Any:
+        """The decode plan a full batch of plain requests runs (what /health reports)."""
         from ..decoding import plan_for
 
         return plan_for(self.model, self.max_batch, eos_token_id=self.tokenizer.eos_token_id, precision=self.precision,
-                        backbone_precision=self.backbone_precision, **(settings or Settings()).generation())
+                        backbone_precision=self.backbone_precision, **Settings().generation())
 
     def caption(self, pixels: np.ndarray, settings: Settings) -> list[dict[str, Any]]:
         from ..attention import attention_for_captions
@@ -475,9 +475,7 @@ def make_app(engine: Engine, max_batch: int = 8, max_wait_ms: float = 10.0, queu
             share = await budget["pixels"].take(pixels)
             try:
                 image = await asyncio.to_thread(read_image, data, engine.image_size, engine.max_pixels)
-            except ImageTooLarge as err:
-                raise BadRequest(str(err), 413) from None
-            except Exception as err:  # anything Pillow cannot decode, truncated files included
+            except Exception as err:  # anything Pillow cannot decode (header_pixels refused the size already)  # anything Pillow cannot decode, truncated files included
                 raise BadRequest(f"not a readable image ({type(err).__name__}: {_short(err, 120)})") from None
             finally:
                 await budget["pixels"].give(share)
