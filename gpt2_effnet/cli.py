@@ -13,7 +13,6 @@ import importlib
 import sys
 from typing import Any
 
-from .commands import first_line
 from .startup_logs import quiet_tensorflow
 
 # name -> (module, one-line help). Each module defines add_arguments(parser) and main(args) -> int.
@@ -87,7 +86,8 @@ def describe_os_error(err: OSError) -> str:
     if err.strerror:
         where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
         return f"{where}: {err.strerror}" if where else err.strerror
-    return first_line(err)
+    text = str(err).strip()  # (commands.first_line's rule; cli imports no command module statically)
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 if __name__ == "__main__":
